@@ -1,0 +1,62 @@
+// Portable vector of N lanes on the compiler's vector extension (GCC and Clang): the fallback
+// kernel's vector and the specification the ISA-specific vectors follow, operation for operation.
+// It lives in the namespace of the ISA it is compiled for, so no inline copy is shared between
+// translation units built with different instruction-set flags.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#ifndef FASTATTN_CPU_ISA
+#error "define FASTATTN_CPU_ISA (the ISA's namespace) before including this header"
+#endif
+
+namespace fastattn::FASTATTN_CPU_ISA {
+
+template <class T, int N>
+struct VecGeneric {
+  using value_type = T;
+  static constexpr int size = N;
+  static constexpr int kRegisters = 16;  // x86-64 SSE2; AArch64 has 32, but 16 is a safe budget
+  using Bits = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef T Native __attribute__((vector_size(N * sizeof(T))));
+  typedef Bits NativeBits __attribute__((vector_size(N * sizeof(T))));
+  Native v;
+
+  static VecGeneric zero() { return {Native{} }; }
+  static VecGeneric broadcast(T x) { return {Native{} + x}; }
+  static VecGeneric load(const T* p) {
+    VecGeneric r;
+    std::memcpy(&r.v, p, sizeof(Native));
+    return r;
+  }
+  void store(T* p) const { std::memcpy(p, &v, sizeof(Native)); }
+
+  friend VecGeneric operator+(VecGeneric a, VecGeneric b) { return {a.v + b.v}; }
+  friend VecGeneric operator-(VecGeneric a, VecGeneric b) { return {a.v - b.v}; }
+  friend VecGeneric operator*(VecGeneric a, VecGeneric b) { return {a.v * b.v}; }
+  // a * b + c
+  friend VecGeneric fmadd(VecGeneric a, VecGeneric b, VecGeneric c) { return {a.v * b.v + c.v}; }
+  // Lane-wise a < b ? if_less : otherwise (false for NaN).
+  static VecGeneric select_less(VecGeneric a, VecGeneric b, VecGeneric if_less, VecGeneric otherwise) {
+    return {a.v < b.v ? if_less.v : otherwise.v};
+  }
+  // Round to nearest (ties to even) for |x| < 2^(mantissa bits - 1): adding and removing
+  // 1.5 * 2^mantissa_bits leaves the integer part in the mantissa (IEEE arithmetic, no fast-math).
+  friend VecGeneric round_nearest(VecGeneric x) {
+    const T shifter = sizeof(T) == 4 ? T(12582912.0) : T(6755399441055744.0);
+    return {(x.v + shifter) - shifter};
+  }
+  // 2^n for lanes holding integers in the normal exponent range.
+  friend VecGeneric pow2_integer(VecGeneric n) {
+    constexpr int mantissa_bits = sizeof(T) == 4 ? 23 : 52;
+    constexpr Bits bias = sizeof(T) == 4 ? 127 : 1023;
+    const NativeBits bits = (__builtin_convertvector(n.v, NativeBits) + bias) << mantissa_bits;
+    VecGeneric r;
+    std::memcpy(&r.v, &bits, sizeof(Native));
+    return r;
+  }
+};
+
+}  // namespace fastattn::FASTATTN_CPU_ISA

@@ -1,0 +1,62 @@
+// Functions built from the vector vocabulary (broadcast, +, -, *, fmadd, select_less,
+// round_nearest, pow2_integer), written once for every vector type.
+#pragma once
+
+#include <limits>
+
+#ifndef FASTATTN_CPU_ISA
+#error "define FASTATTN_CPU_ISA (the ISA's namespace) before including this header"
+#endif
+
+namespace fastattn::FASTATTN_CPU_ISA {
+
+// Lane-wise a < b ? b : a. A NaN in a is kept; a NaN in b is not (the probabilities carry it).
+template <class V>
+V max(V a, V b) {
+  return V::select_less(a, b, b, a);
+}
+
+// Lanes equal to -inf become `replacement`.
+template <class V>
+V replace_neg_inf(V a, typename V::value_type replacement) {
+  using T = typename V::value_type;
+  return V::select_less(a, V::broadcast(std::numeric_limits<T>::lowest()), V::broadcast(replacement), a);
+}
+
+// 2^x: x = n + f with n an integer and |f| <= 1/2; 2^f by a polynomial, 2^n in the exponent bits.
+// Exactly 0 below the smallest normal exponent (so -inf, a hidden key, weighs exactly 0); NaN stays NaN.
+// float: near-minimax degree 6 (Chebyshev fit on [-1/2, 1/2]), relative error below 1e-7.
+// double: Taylor series of e^(f ln 2) to degree 13, truncation error below 1e-17.
+template <class V>
+V exp2(V x) {
+  using T = typename V::value_type;
+  const V lowest = V::broadcast(T(std::numeric_limits<T>::min_exponent - 1));  // -126 / -1022
+  const V highest = V::broadcast(T(std::numeric_limits<T>::max_exponent - 1));  // 127 / 1023
+  const V clamped = V::select_less(highest, x, highest, V::select_less(x, lowest, lowest, x));
+  const V n = round_nearest(clamped);
+  const V f = clamped - n;
+  V p;
+  if constexpr (sizeof(T) == 4) {
+    p = V::broadcast(T(1.5465312753804028e-4));
+    p = fmadd(p, f, V::broadcast(T(1.3395280111581087e-3)));
+    p = fmadd(p, f, V::broadcast(T(9.618040174245834e-3)));
+    p = fmadd(p, f, V::broadcast(T(5.550340563058853e-2)));
+    p = fmadd(p, f, V::broadcast(T(2.4022650718688965e-1)));
+    p = fmadd(p, f, V::broadcast(T(6.931471824645996e-1)));
+    p = fmadd(p, f, V::broadcast(T(1.0)));
+  } else {
+    // ln(2)^k / k! for k = 13 .. 0
+    constexpr double kCoefficients[] = {
+        1.3691488853904124e-12, 2.5678435993488196e-11, 4.44553827187081e-10, 7.054911620801121e-09,
+        1.0178086009239696e-07, 1.3215486790144305e-06, 1.5252733804059838e-05, 0.00015403530393381606,
+        0.0013333558146428441, 0.009618129107628477, 0.055504108664821576, 0.2402265069591007,
+        0.6931471805599453, 1.0};
+    p = V::broadcast(T(kCoefficients[0]));
+    for (int i = 1; i < int(sizeof(kCoefficients) / sizeof(double)); ++i)
+      p = fmadd(p, f, V::broadcast(T(kCoefficients[i])));
+  }
+  const V result = p * pow2_integer(n);
+  return V::select_less(x, lowest, V::zero(), result);
+}
+
+}  // namespace fastattn::FASTATTN_CPU_ISA

@@ -1,0 +1,193 @@
+"""Argument checks and the single dispatch point into the compiled kernels."""
+
+import math
+import os
+from numbers import Real
+
+import numpy as np
+
+from . import _core
+
+__all__ = ["attention", "scaled_dot_product_attention", "set_num_threads", "get_num_threads"]
+
+_SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_MAX_NDIM = 9  # batch dims, head, row, column: the kernel takes up to six batch dims
+
+
+def _default_num_threads():
+    env = os.environ.get("FASTATTN_NUM_THREADS")
+    if env is not None:
+        try:
+            count = int(env)
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise ValueError(f"FASTATTN_NUM_THREADS must be a positive integer, got {env!r}")
+        return count
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+_num_threads = _default_num_threads()
+
+
+def set_num_threads(n):
+    """Set the number of threads the CPU kernels use (default: FASTATTN_NUM_THREADS, else the
+    cores available to this process). Results do not depend on it."""
+    global _num_threads
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"set_num_threads needs a positive integer, got {n!r}")
+    _num_threads = int(n)
+
+
+def get_num_threads():
+    """The number of threads the CPU kernels use."""
+    return _num_threads
+
+
+class _Names:
+    """How the caller spelled the arguments, so errors name them the caller's way."""
+
+    def __init__(self, q, k, v, mask, causal):
+        self.q, self.k, self.v, self.mask, self.causal = q, k, v, mask, causal
+
+
+_ATTENTION_NAMES = _Names("q", "k", "v", "mask", "causal")
+_SDPA_NAMES = _Names("query", "key", "value", "attn_mask", "is_causal")
+
+
+def _check_array(x, name):
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__}")
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dims (..., L, E), got shape {x.shape}")
+    if x.ndim > _MAX_NDIM:
+        raise ValueError(f"{name} has {x.ndim} dims; at most {_MAX_NDIM} are supported")
+    if not x.dtype.isnative:
+        raise ValueError(f"{name} has non-native byte order {x.dtype}; convert it with astype first")
+    if not x.flags.aligned:
+        raise ValueError(f"{name} is not aligned to its element size; copy it into an aligned array")
+    # Heads come third from the end; a 2-D input is one head.
+    return x if x.ndim > 2 else x[np.newaxis]
+
+
+def _check_scale(scale, head_dim):
+    if scale is None:
+        # With head_dim 0 every score is 0 whatever the scale; PyTorch then averages v.
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def _attention(q, k, v, mask, causal, scale, names):
+    ndim_out = max(np.ndim(q), np.ndim(k), np.ndim(v))
+    q = _check_array(q, names.q)
+    k = _check_array(k, names.k)
+    v = _check_array(v, names.v)
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{names.q} has dtype {q.dtype}; fastattn supports float32 and float64")
+    for x, name in ((k, names.k), (v, names.v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but {names.q} has {q.dtype}; pass one dtype")
+
+    heads_q, seqlen_q, head_dim = q.shape[-3:]
+    heads_k, seqlen_k, head_dim_k = k.shape[-3:]
+    heads_v, seqlen_v, head_dim_v = v.shape[-3:]
+    if head_dim_k != head_dim:
+        raise ValueError(f"{names.k} has head_dim {head_dim_k} but {names.q} has {head_dim}")
+    if seqlen_v != seqlen_k:
+        raise ValueError(f"{names.v} has {seqlen_v} keys (dim -2) but {names.k} has {seqlen_k}")
+    for heads, name in ((heads_k, names.k), (heads_v, names.v)):
+        if heads == 0 or heads_q % heads != 0:
+            raise ValueError(
+                f"{names.q} has {heads_q} heads, which is not a multiple of the {heads} heads of {name} "
+                f"(grouped-query attention needs query heads = n * key/value heads)")
+    try:
+        batch = np.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    except ValueError:
+        raise ValueError(
+            f"the batch dims of {names.q} {q.shape[:-3]}, {names.k} {k.shape[:-3]} and "
+            f"{names.v} {v.shape[:-3]} do not broadcast") from None
+    scale = _check_scale(scale, head_dim)
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"{names.causal} must be a bool, got {type(causal).__name__}")
+
+    if mask is not None:
+        if not isinstance(mask, np.ndarray):
+            raise TypeError(f"{names.mask} must be a NumPy array or None, got {type(mask).__name__}")
+        if mask.dtype != np.bool_ and mask.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{names.mask} has dtype {mask.dtype}; use bool, float32 or float64")
+        if not mask.dtype.isnative or not mask.flags.aligned:
+            raise ValueError(f"{names.mask} must be aligned and in native byte order")
+        target = batch + (heads_q, seqlen_q, seqlen_k)
+        try:
+            mask = np.broadcast_to(mask, target)  # a view: broadcast dims get stride 0
+        except ValueError:
+            raise ValueError(
+                f"{names.mask} of shape {mask.shape} does not broadcast to the scores' shape {target} "
+                f"(batch..., query heads, L, S)") from None
+
+    out = np.empty(batch + (heads_q, seqlen_q, head_dim_v), dtype=q.dtype)
+    if out.size > 0:
+        _core.attention_forward(
+            np.broadcast_to(q, batch + q.shape[-3:]),
+            np.broadcast_to(k, batch + k.shape[-3:]),
+            np.broadcast_to(v, batch + v.shape[-3:]),
+            out, mask, scale, bool(causal), _num_threads)
+    return out if ndim_out > 2 else out[0]
+
+
+def attention(q, k, v, mask=None, *, causal=False, scale=None):
+    """softmax(q k^T * scale + mask) v, fused: the L x S score matrix is never stored.
+
+    q (..., Hq, L, E), k (..., Hk, S, E), v (..., Hk, S, Ev); float32 or float64, any strides.
+    Batch dims broadcast. Query head h uses key/value head h // (Hq // Hk) (grouped-query attention).
+    mask: bool (True = may attend) or float (added to the scaled scores), broadcastable to
+    (..., Hq, L, S). causal: query i sees key j iff j <= i (top-left, as in PyTorch), together
+    with the mask if both are given. scale defaults to 1 / sqrt(E). A row with no visible key
+    gives zeros. Returns a new C-contiguous array (..., Hq, L, Ev) of q's dtype.
+    See fastattn.reference for the drawn masks.
+    """
+    return _attention(q, k, v, mask, causal, scale, _ATTENTION_NAMES)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False):
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention (PyTorch 2.13) on NumPy arrays.
+
+    Inference only: dropout_p must be 0. Without enable_gqa, the head dims broadcast like batch
+    dims; with it, Hq must be a multiple of the key and value heads. attn_mask is bool, float32 or
+    of the query's dtype, and cannot be combined with is_causal (as in PyTorch).
+    """
+    if dropout_p != 0.0:
+        raise NotImplementedError(
+            f"dropout_p={dropout_p}: fastattn is inference-only and never applies dropout; pass 0.0")
+    if attn_mask is not None and is_causal:
+        raise ValueError("attn_mask and is_causal=True cannot both be set (PyTorch refuses too); "
+                         "fastattn.attention(q, k, v, mask, causal=True) applies both")
+    if isinstance(attn_mask, np.ndarray) and isinstance(query, np.ndarray):
+        if attn_mask.dtype not in (np.dtype(np.bool_), np.dtype(np.float32), query.dtype):
+            raise TypeError(f"attn_mask has dtype {attn_mask.dtype}; PyTorch takes bool, float32 "
+                            f"or the query's dtype {query.dtype}")
+    if not enable_gqa:
+        query, key, value = _broadcast_heads(query, key, value)
+    return _attention(query, key, value, attn_mask, is_causal, scale, _SDPA_NAMES)
+
+
+def _broadcast_heads(query, key, value):
+    """PyTorch without enable_gqa treats the head dim as a batch dim: equal, or 1 to broadcast."""
+    arrays = (query, key, value)
+    if not all(isinstance(x, np.ndarray) and x.ndim >= 2 for x in arrays) or max(x.ndim for x in arrays) < 3:
+        return arrays  # no head dim to broadcast; _attention reports anything invalid
+    arrays = tuple(x if x.ndim > 2 else x[np.newaxis] for x in arrays)
+    heads = {x.shape[-3] for x in arrays} - {1}
+    if len(heads) > 1:
+        raise ValueError(
+            f"query, key and value have {arrays[0].shape[-3]}, {arrays[1].shape[-3]} and "
+            f"{arrays[2].shape[-3]} heads; without enable_gqa=True they must be equal or 1")
+    target = heads.pop() if heads else 1
+    return tuple(np.broadcast_to(x, x.shape[:-3] + (target,) + x.shape[-2:]) for x in arrays)
