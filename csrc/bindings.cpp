@@ -3,6 +3,7 @@
 // and broadcast the arguments, the checks here keep the kernel memory-safe whatever the caller.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <string>
@@ -121,4 +122,18 @@ PYBIND11_MODULE(_core, m) {
   m.def("attention_forward", &fastattn::attention_forward_py, py::arg("q").noconvert(),
         py::arg("k").noconvert(), py::arg("v").noconvert(), py::arg("out").noconvert(), py::arg("mask"), py::arg("scale"), py::arg("causal"), py::arg("num_threads"),
         "Writes softmax(q k^T * scale + mask) v into out. Arguments must be validated by fastattn.api.");
+  m.def("supported_isas", &fastattn::supported_isas, "Kernel ISAs this CPU can run, best last.");
+  m.def("current_isa", &fastattn::current_isa, "The kernel ISA in use.");
+  m.def("cpu_features", &fastattn::cpu_features, "(feature, present) pairs for the x86 features the kernels use.");
+  m.def(
+      "set_isa",
+      [](const std::string& name) {
+        if (!fastattn::set_isa(name)) {
+          std::string choices;
+          for (const auto& isa : fastattn::supported_isas()) choices += (choices.empty() ? "" : ", ") + isa;
+          throw py::value_error("ISA '" + name + "' is unknown or not supported by this CPU; choose one of: " +
+                                choices);
+        }
+      },
+      py::arg("name"), "Selects the kernel ISA by name.");
 }

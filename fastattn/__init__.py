@@ -1,7 +1,9 @@
 """fastattn: fused, tiled attention kernels for NumPy arrays."""
 
 from . import reference
-from .api import attention, get_num_threads, scaled_dot_product_attention, set_num_threads
+from .api import (attention, cpu_info, get_num_threads, scaled_dot_product_attention, set_isa,
+                  set_num_threads)
 
-__all__ = ["attention", "scaled_dot_product_attention", "set_num_threads", "get_num_threads", "reference"]
+__all__ = ["attention", "scaled_dot_product_attention", "set_num_threads", "get_num_threads",
+           "cpu_info", "set_isa", "reference"]
 __version__ = "0.1.0"

@@ -8,7 +8,8 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["attention", "scaled_dot_product_attention", "set_num_threads", "get_num_threads"]
+__all__ = ["attention", "scaled_dot_product_attention", "set_num_threads", "get_num_threads",
+           "cpu_info", "set_isa"]
 
 _SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _MAX_NDIM = 9  # batch dims, head, row, column: the kernel takes up to six batch dims
@@ -44,6 +45,34 @@ def set_num_threads(n):
 def get_num_threads():
     """The number of threads the CPU kernels use."""
     return _num_threads
+
+
+def cpu_info():
+    """Which CPU kernel is in use, which ones this CPU supports (best last) and its features."""
+    return {
+        "isa": _core.current_isa(),
+        "supported_isas": _core.supported_isas(),
+        "features": dict(_core.cpu_features()),
+        "num_threads": _num_threads,
+    }
+
+
+def set_isa(name):
+    """Use the CPU kernel built for `name` ("scalar", "avx2" or "avx512"; see cpu_info()).
+
+    The best supported one is chosen at import; FASTATTN_ISA=<name> chooses another. Meant for
+    testing and comparison: the choice applies to the whole process.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"set_isa needs an ISA name, got {type(name).__name__}")
+    _core.set_isa(name)
+
+
+if "FASTATTN_ISA" in os.environ:
+    try:
+        set_isa(os.environ["FASTATTN_ISA"])
+    except ValueError as error:
+        raise ValueError(f"FASTATTN_ISA: {error}") from None
 
 
 class _Names:

@@ -1,8 +1,84 @@
-// Baseline-compiled: chooses the kernel for this CPU.
+// Baseline-compiled: detects what the CPU supports and holds the kernel in use.
 #include "cpu/dispatch.h"
 
-namespace fastattn {
+#include <atomic>
 
-void attention_forward(const AttentionParams& p) { generic::attention_forward(p); }
+namespace fastattn {
+namespace {
+
+using Kernel = void (*)(const AttentionParams&);
+
+struct Isa {
+  const char* name;
+  Kernel kernel;
+  bool (*supported)();
+};
+
+bool always() { return true; }
+
+#if defined(FASTATTN_X86_KERNELS)
+// libgcc's checks include the OS saving the wider registers (XGETBV), not only CPUID.
+bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+bool cpu_has_avx512() { return __builtin_cpu_supports("avx512f"); }
+constexpr Isa kIsas[] = {
+    {"scalar", generic::attention_forward, always},
+    {"avx2", avx2::attention_forward, cpu_has_avx2},
+    {"avx512", avx512::attention_forward, cpu_has_avx512},
+};
+#else
+constexpr Isa kIsas[] = {{"scalar", generic::attention_forward, always}};
+#endif
+
+const Isa* best_isa() {
+  const Isa* best = &kIsas[0];
+  for (const Isa& isa : kIsas)
+    if (isa.supported()) best = &isa;
+  return best;
+}
+
+std::atomic<const Isa*>& current() {
+  static std::atomic<const Isa*> isa{best_isa()};
+  return isa;
+}
+
+}  // namespace
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (const Isa& isa : kIsas)
+    if (isa.supported()) names.emplace_back(isa.name);
+  return names;
+}
+
+std::vector<std::pair<std::string, bool>> cpu_features() {
+#if defined(FASTATTN_X86_KERNELS)
+  return {{"sse2", bool(__builtin_cpu_supports("sse2"))},
+          {"avx", bool(__builtin_cpu_supports("avx"))},
+          {"avx2", bool(__builtin_cpu_supports("avx2"))},
+          {"fma", bool(__builtin_cpu_supports("fma"))},
+          {"f16c", bool(__builtin_cpu_supports("f16c"))},
+          {"avx512f", bool(__builtin_cpu_supports("avx512f"))},
+          {"avx512bw", bool(__builtin_cpu_supports("avx512bw"))},
+          {"avx512vl", bool(__builtin_cpu_supports("avx512vl"))},
+          {"avx512dq", bool(__builtin_cpu_supports("avx512dq"))},
+          {"avx512bf16", bool(__builtin_cpu_supports("avx512bf16"))}};
+#else
+  return {};
+#endif
+}
+
+std::string current_isa() { return current().load()->name; }
+
+bool set_isa(const std::string& name) {
+  for (const Isa& isa : kIsas) {
+    if (name == isa.name && isa.supported()) {
+      current().store(&isa);
+      return true;
+    }
+  }
+  return false;
+}
+
+void attention_forward(const AttentionParams& p) { current().load()->kernel(p); }
 
 }  // namespace fastattn

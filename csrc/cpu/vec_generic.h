@@ -48,14 +48,14 @@ struct VecGeneric {
     const T shifter = sizeof(T) == 4 ? T(12582912.0) : T(6755399441055744.0);
     return {(x.v + shifter) - shifter};
   }
-  // 2^n for lanes holding integers in the normal exponent range.
-  friend VecGeneric pow2_integer(VecGeneric n) {
+  // p * 2^n for lanes of n holding integers in the normal exponent range.
+  friend VecGeneric times_pow2(VecGeneric p, VecGeneric n) {
     constexpr int mantissa_bits = sizeof(T) == 4 ? 23 : 52;
     constexpr Bits bias = sizeof(T) == 4 ? 127 : 1023;
     const NativeBits bits = (__builtin_convertvector(n.v, NativeBits) + bias) << mantissa_bits;
-    VecGeneric r;
-    std::memcpy(&r.v, &bits, sizeof(Native));
-    return r;
+    Native scale;
+    std::memcpy(&scale, &bits, sizeof(Native));
+    return {p.v * scale};
   }
 };
 

@@ -1,5 +1,5 @@
 // Functions built from the vector vocabulary (broadcast, +, -, *, fmadd, select_less,
-// round_nearest, pow2_integer), written once for every vector type.
+// round_nearest, times_pow2), written once for every vector type.
 #pragma once
 
 #include <limits>
@@ -55,7 +55,7 @@ V exp2(V x) {
     for (int i = 1; i < int(sizeof(kCoefficients) / sizeof(double)); ++i)
       p = fmadd(p, f, V::broadcast(T(kCoefficients[i])));
   }
-  const V result = p * pow2_integer(n);
+  const V result = times_pow2(p, n);
   return V::select_less(x, lowest, V::zero(), result);
 }
 

@@ -1,0 +1,71 @@
+// 256-bit AVX2 + FMA vectors: the same vocabulary as VecGeneric (the specification), for float
+// and double. Only for translation units compiled with -mavx2 -mfma.
+#pragma once
+
+#include <immintrin.h>
+
+#ifndef FASTATTN_CPU_ISA
+#error "define FASTATTN_CPU_ISA (the ISA's namespace) before including this header"
+#endif
+
+namespace fastattn::FASTATTN_CPU_ISA {
+
+template <class T>
+struct VecAvx2;
+
+template <>
+struct VecAvx2<float> {
+  using value_type = float;
+  static constexpr int size = 8;
+  static constexpr int kRegisters = 16;
+  __m256 v;
+
+  static VecAvx2 zero() { return {_mm256_setzero_ps()}; }
+  static VecAvx2 broadcast(float x) { return {_mm256_set1_ps(x)}; }
+  static VecAvx2 load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  friend VecAvx2 operator+(VecAvx2 a, VecAvx2 b) { return {_mm256_add_ps(a.v, b.v)}; }
+  friend VecAvx2 operator-(VecAvx2 a, VecAvx2 b) { return {_mm256_sub_ps(a.v, b.v)}; }
+  friend VecAvx2 operator*(VecAvx2 a, VecAvx2 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  friend VecAvx2 fmadd(VecAvx2 a, VecAvx2 b, VecAvx2 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  static VecAvx2 select_less(VecAvx2 a, VecAvx2 b, VecAvx2 if_less, VecAvx2 otherwise) {
+    return {_mm256_blendv_ps(otherwise.v, if_less.v, _mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ))};
+  }
+  friend VecAvx2 round_nearest(VecAvx2 x) {
+    return {_mm256_round_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  }
+  friend VecAvx2 times_pow2(VecAvx2 p, VecAvx2 n) {
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23);
+    return {_mm256_mul_ps(p.v, _mm256_castsi256_ps(bits))};
+  }
+};
+
+template <>
+struct VecAvx2<double> {
+  using value_type = double;
+  static constexpr int size = 4;
+  static constexpr int kRegisters = 16;
+  __m256d v;
+
+  static VecAvx2 zero() { return {_mm256_setzero_pd()}; }
+  static VecAvx2 broadcast(double x) { return {_mm256_set1_pd(x)}; }
+  static VecAvx2 load(const double* p) { return {_mm256_loadu_pd(p)}; }
+  void store(double* p) const { _mm256_storeu_pd(p, v); }
+  friend VecAvx2 operator+(VecAvx2 a, VecAvx2 b) { return {_mm256_add_pd(a.v, b.v)}; }
+  friend VecAvx2 operator-(VecAvx2 a, VecAvx2 b) { return {_mm256_sub_pd(a.v, b.v)}; }
+  friend VecAvx2 operator*(VecAvx2 a, VecAvx2 b) { return {_mm256_mul_pd(a.v, b.v)}; }
+  friend VecAvx2 fmadd(VecAvx2 a, VecAvx2 b, VecAvx2 c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
+  static VecAvx2 select_less(VecAvx2 a, VecAvx2 b, VecAvx2 if_less, VecAvx2 otherwise) {
+    return {_mm256_blendv_pd(otherwise.v, if_less.v, _mm256_cmp_pd(a.v, b.v, _CMP_LT_OQ))};
+  }
+  friend VecAvx2 round_nearest(VecAvx2 x) {
+    return {_mm256_round_pd(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  }
+  friend VecAvx2 times_pow2(VecAvx2 p, VecAvx2 n) {
+    const __m256i exponent = _mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n.v));
+    const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(exponent, _mm256_set1_epi64x(1023)), 52);
+    return {_mm256_mul_pd(p.v, _mm256_castsi256_pd(bits))};
+  }
+};
+
+}  // namespace fastattn::FASTATTN_CPU_ISA

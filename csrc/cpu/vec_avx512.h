@@ -1,0 +1,64 @@
+// 512-bit AVX-512F vectors: the same vocabulary as VecGeneric (the specification), for float and
+// double. Only for translation units compiled with the AVX-512 flags.
+#pragma once
+
+#include <immintrin.h>
+
+#ifndef FASTATTN_CPU_ISA
+#error "define FASTATTN_CPU_ISA (the ISA's namespace) before including this header"
+#endif
+
+namespace fastattn::FASTATTN_CPU_ISA {
+
+template <class T>
+struct VecAvx512;
+
+template <>
+struct VecAvx512<float> {
+  using value_type = float;
+  static constexpr int size = 16;
+  static constexpr int kRegisters = 32;
+  __m512 v;
+
+  static VecAvx512 zero() { return {_mm512_setzero_ps()}; }
+  static VecAvx512 broadcast(float x) { return {_mm512_set1_ps(x)}; }
+  static VecAvx512 load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  friend VecAvx512 operator+(VecAvx512 a, VecAvx512 b) { return {_mm512_add_ps(a.v, b.v)}; }
+  friend VecAvx512 operator-(VecAvx512 a, VecAvx512 b) { return {_mm512_sub_ps(a.v, b.v)}; }
+  friend VecAvx512 operator*(VecAvx512 a, VecAvx512 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  friend VecAvx512 fmadd(VecAvx512 a, VecAvx512 b, VecAvx512 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  static VecAvx512 select_less(VecAvx512 a, VecAvx512 b, VecAvx512 if_less, VecAvx512 otherwise) {
+    return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ), otherwise.v, if_less.v)};
+  }
+  friend VecAvx512 round_nearest(VecAvx512 x) {
+    return {_mm512_roundscale_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  }
+  friend VecAvx512 times_pow2(VecAvx512 p, VecAvx512 n) { return {_mm512_scalef_ps(p.v, n.v)}; }
+};
+
+template <>
+struct VecAvx512<double> {
+  using value_type = double;
+  static constexpr int size = 8;
+  static constexpr int kRegisters = 32;
+  __m512d v;
+
+  static VecAvx512 zero() { return {_mm512_setzero_pd()}; }
+  static VecAvx512 broadcast(double x) { return {_mm512_set1_pd(x)}; }
+  static VecAvx512 load(const double* p) { return {_mm512_loadu_pd(p)}; }
+  void store(double* p) const { _mm512_storeu_pd(p, v); }
+  friend VecAvx512 operator+(VecAvx512 a, VecAvx512 b) { return {_mm512_add_pd(a.v, b.v)}; }
+  friend VecAvx512 operator-(VecAvx512 a, VecAvx512 b) { return {_mm512_sub_pd(a.v, b.v)}; }
+  friend VecAvx512 operator*(VecAvx512 a, VecAvx512 b) { return {_mm512_mul_pd(a.v, b.v)}; }
+  friend VecAvx512 fmadd(VecAvx512 a, VecAvx512 b, VecAvx512 c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
+  static VecAvx512 select_less(VecAvx512 a, VecAvx512 b, VecAvx512 if_less, VecAvx512 otherwise) {
+    return {_mm512_mask_blend_pd(_mm512_cmp_pd_mask(a.v, b.v, _CMP_LT_OQ), otherwise.v, if_less.v)};
+  }
+  friend VecAvx512 round_nearest(VecAvx512 x) {
+    return {_mm512_roundscale_pd(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  }
+  friend VecAvx512 times_pow2(VecAvx512 p, VecAvx512 n) { return {_mm512_scalef_pd(p.v, n.v)}; }
+};
+
+}  // namespace fastattn::FASTATTN_CPU_ISA
