@@ -24,6 +24,20 @@ struct VecAvx2<float> {
   static VecAvx2 broadcast(float x) { return {_mm256_set1_ps(x)}; }
   static VecAvx2 load(const float* p) { return {_mm256_loadu_ps(p)}; }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
+  static VecAvx2 load_partial(const float* p, int n) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return {_mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes))};
+  }
+  friend float reduce_add(VecAvx2 a) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+  }
+  friend float reduce_max(VecAvx2 a) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+  }
   friend VecAvx2 operator+(VecAvx2 a, VecAvx2 b) { return {_mm256_add_ps(a.v, b.v)}; }
   friend VecAvx2 operator-(VecAvx2 a, VecAvx2 b) { return {_mm256_sub_ps(a.v, b.v)}; }
   friend VecAvx2 operator*(VecAvx2 a, VecAvx2 b) { return {_mm256_mul_ps(a.v, b.v)}; }
@@ -51,6 +65,18 @@ struct VecAvx2<double> {
   static VecAvx2 broadcast(double x) { return {_mm256_set1_pd(x)}; }
   static VecAvx2 load(const double* p) { return {_mm256_loadu_pd(p)}; }
   void store(double* p) const { _mm256_storeu_pd(p, v); }
+  static VecAvx2 load_partial(const double* p, int n) {
+    const __m256i lanes = _mm256_setr_epi64x(0, 1, 2, 3);
+    return {_mm256_maskload_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), lanes))};
+  }
+  friend double reduce_add(VecAvx2 a) {
+    __m128d x = _mm_add_pd(_mm256_castpd256_pd128(a.v), _mm256_extractf128_pd(a.v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(x, _mm_unpackhi_pd(x, x)));
+  }
+  friend double reduce_max(VecAvx2 a) {
+    __m128d x = _mm_max_pd(_mm256_castpd256_pd128(a.v), _mm256_extractf128_pd(a.v, 1));
+    return _mm_cvtsd_f64(_mm_max_sd(x, _mm_unpackhi_pd(x, x)));
+  }
   friend VecAvx2 operator+(VecAvx2 a, VecAvx2 b) { return {_mm256_add_pd(a.v, b.v)}; }
   friend VecAvx2 operator-(VecAvx2 a, VecAvx2 b) { return {_mm256_sub_pd(a.v, b.v)}; }
   friend VecAvx2 operator*(VecAvx2 a, VecAvx2 b) { return {_mm256_mul_pd(a.v, b.v)}; }

@@ -24,6 +24,11 @@ struct VecAvx512<float> {
   static VecAvx512 broadcast(float x) { return {_mm512_set1_ps(x)}; }
   static VecAvx512 load(const float* p) { return {_mm512_loadu_ps(p)}; }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
+  static VecAvx512 load_partial(const float* p, int n) {
+    return {_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p)};
+  }
+  friend float reduce_add(VecAvx512 a) { return _mm512_reduce_add_ps(a.v); }
+  friend float reduce_max(VecAvx512 a) { return _mm512_reduce_max_ps(a.v); }
   friend VecAvx512 operator+(VecAvx512 a, VecAvx512 b) { return {_mm512_add_ps(a.v, b.v)}; }
   friend VecAvx512 operator-(VecAvx512 a, VecAvx512 b) { return {_mm512_sub_ps(a.v, b.v)}; }
   friend VecAvx512 operator*(VecAvx512 a, VecAvx512 b) { return {_mm512_mul_ps(a.v, b.v)}; }
@@ -48,6 +53,11 @@ struct VecAvx512<double> {
   static VecAvx512 broadcast(double x) { return {_mm512_set1_pd(x)}; }
   static VecAvx512 load(const double* p) { return {_mm512_loadu_pd(p)}; }
   void store(double* p) const { _mm512_storeu_pd(p, v); }
+  static VecAvx512 load_partial(const double* p, int n) {
+    return {_mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p)};
+  }
+  friend double reduce_add(VecAvx512 a) { return _mm512_reduce_add_pd(a.v); }
+  friend double reduce_max(VecAvx512 a) { return _mm512_reduce_max_pd(a.v); }
   friend VecAvx512 operator+(VecAvx512 a, VecAvx512 b) { return {_mm512_add_pd(a.v, b.v)}; }
   friend VecAvx512 operator-(VecAvx512 a, VecAvx512 b) { return {_mm512_sub_pd(a.v, b.v)}; }
   friend VecAvx512 operator*(VecAvx512 a, VecAvx512 b) { return {_mm512_mul_pd(a.v, b.v)}; }

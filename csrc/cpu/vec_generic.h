@@ -32,6 +32,12 @@ struct VecGeneric {
     return r;
   }
   void store(T* p) const { std::memcpy(p, &v, sizeof(Native)); }
+  // The first n lanes from p (0 <= n <= N), zeros after them; reads nothing past p + n.
+  static VecGeneric load_partial(const T* p, int n) {
+    VecGeneric r = zero();
+    for (int i = 0; i < n; ++i) r.v[i] = p[i];
+    return r;
+  }
 
   friend VecGeneric operator+(VecGeneric a, VecGeneric b) { return {a.v + b.v}; }
   friend VecGeneric operator-(VecGeneric a, VecGeneric b) { return {a.v - b.v}; }
@@ -41,6 +47,16 @@ struct VecGeneric {
   // Lane-wise a < b ? if_less : otherwise (false for NaN).
   static VecGeneric select_less(VecGeneric a, VecGeneric b, VecGeneric if_less, VecGeneric otherwise) {
     return {a.v < b.v ? if_less.v : otherwise.v};
+  }
+  friend T reduce_add(VecGeneric a) {
+    T sum = a.v[0];
+    for (int i = 1; i < N; ++i) sum += a.v[i];
+    return sum;
+  }
+  friend T reduce_max(VecGeneric a) {
+    T m = a.v[0];
+    for (int i = 1; i < N; ++i) m = m < a.v[i] ? a.v[i] : m;
+    return m;
   }
   // Round to nearest (ties to even) for |x| < 2^(mantissa bits - 1): adding and removing
   // 1.5 * 2^mantissa_bits leaves the integer part in the mantissa (IEEE arithmetic, no fast-math).

@@ -1,0 +1,127 @@
+// Pieces shared by the tile (prefill) and decode kernels: views of one head, mask semantics,
+// aligned scratch memory. Compiled inside each ISA's namespace like everything in cpu/.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <type_traits>
+
+#include "params.h"
+
+#ifndef FASTATTN_CPU_ISA
+#error "define FASTATTN_CPU_ISA (the ISA's namespace) before including this header"
+#endif
+
+namespace fastattn::FASTATTN_CPU_ISA {
+
+inline constexpr double kLog2e = 1.4426950408889634;
+
+// A 2-D view of one head of one operand: element (i, j) sits at data[i * row + j * col].
+template <class T>
+struct MatrixView {
+  T* data;
+  int64_t row, col;
+  T& operator()(int64_t i, int64_t j) const { return data[i * row + j * col]; }
+};
+
+// Everything about one (batch element, query head): its q and out rows, the k and v heads it reads,
+// and its mask plane (element (i, j) at mask + i * mask_row + j * mask_col, in MaskT units).
+template <class T>
+struct HeadViews {
+  MatrixView<const T> q, k, v;
+  MatrixView<T> out;
+  const void* mask;
+  int64_t mask_row, mask_col;
+};
+
+// Splits a flat batch index into the (broadcast) batch dims.
+struct BatchIndex {
+  int64_t index[kMaxBatchDims];
+  BatchIndex(const AttentionParams& p, int64_t flat) {
+    for (int d = p.batch_ndim - 1; d >= 0; --d) {
+      index[d] = flat % p.batch_shape[d];
+      flat /= p.batch_shape[d];
+    }
+  }
+};
+
+inline int64_t batch_count(const AttentionParams& p) {
+  int64_t count = 1;
+  for (int d = 0; d < p.batch_ndim; ++d) count *= p.batch_shape[d];
+  return count;
+}
+
+inline int64_t offset_of(const AttentionParams& p, const Strides& st, const BatchIndex& b, int64_t head) {
+  int64_t off = head * st.head;
+  for (int d = 0; d < p.batch_ndim; ++d) off += b.index[d] * st.batch[d];
+  return off;
+}
+
+template <class T>
+HeadViews<T> head_views(const AttentionParams& p, const BatchIndex& b, int64_t head) {
+  auto input = [&](const void* base, const Strides& st, int64_t h) {
+    return MatrixView<const T>{static_cast<const T*>(base) + offset_of(p, st, b, h), st.row, st.col};
+  };
+  HeadViews<T> views;
+  views.q = input(p.q_ptr, p.q_strides, head);
+  views.k = input(p.k_ptr, p.k_strides, head / (p.num_heads_q / p.num_heads_k));
+  views.v = input(p.v_ptr, p.v_strides, head / (p.num_heads_q / p.num_heads_v));
+  views.out = MatrixView<T>{static_cast<T*>(p.out_ptr) + offset_of(p, p.out_strides, b, head),
+                            p.out_strides.row, p.out_strides.col};
+  const int64_t mask_item_size = p.mask_kind == MaskKind::boolean ? 1 : p.mask_dtype == DType::float64 ? 8 : 4;
+  views.mask = p.mask_kind == MaskKind::none
+                   ? nullptr
+                   : static_cast<const char*>(p.mask_ptr) + mask_item_size * offset_of(p, p.mask_strides, b, head);
+  views.mask_row = p.mask_strides.row;
+  views.mask_col = p.mask_strides.col;
+  return views;
+}
+
+// The mask's element type: void (no mask), uint8_t (NumPy bool, nonzero = may attend), float, double.
+template <class MaskT>
+struct MaskType {
+  using type = MaskT;
+};
+
+template <class F>
+void visit_mask_type(const AttentionParams& p, F&& f) {
+  switch (p.mask_kind) {
+    case MaskKind::none: return f(MaskType<void>{});
+    case MaskKind::boolean: return f(MaskType<uint8_t>{});
+    case MaskKind::additive:
+      if (p.mask_dtype == DType::float32) return f(MaskType<float>{});
+      return f(MaskType<double>{});
+  }
+}
+
+// A score in base-2 units after the mask of (query, key): -inf when hidden, plus the float mask.
+template <class MaskT, class T>
+T apply_mask(T score, const HeadViews<T>& h, int64_t query, int64_t key) {
+  if constexpr (std::is_void_v<MaskT>) {
+    return score;
+  } else {
+    const MaskT m = static_cast<const MaskT*>(h.mask)[query * h.mask_row + key * h.mask_col];
+    if constexpr (std::is_same_v<MaskT, uint8_t>)
+      return m != 0 ? score : -std::numeric_limits<T>::infinity();
+    else
+      return score + static_cast<T>(m * kLog2e);
+  }
+}
+
+// 64-byte aligned memory for `count` elements of T; data() is null if the allocation failed.
+template <class T>
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(int64_t count)
+      : data_(static_cast<T*>(std::aligned_alloc(64, ((count * sizeof(T) + 63) / 64 + 1) * 64))) {}
+  ~AlignedBuffer() { std::free(data_); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  T* data() const { return data_; }
+
+ private:
+  T* data_;
+};
+
+}  // namespace fastattn::FASTATTN_CPU_ISA

@@ -1,0 +1,231 @@
+// Prefill kernel: queries live in SIMD lanes. A tile of BLOCK_M queries is packed transposed,
+// q_tile[d][BLOCK_M], already multiplied by scale * log2(e), so scores come out in base-2 units
+// and the softmax needs exp2 only. For each block of BLOCK_N keys:
+//   scores[j][BLOCK_M] = sum_d k[j][d] * q_tile[d][:]      (k[j][d] broadcast, no packing of K)
+//   online softmax lane by lane: m_i (running max), l_i (running sum), alpha = exp2(m_old - m_new)
+//   acc[e][BLOCK_M] = alpha * acc + sum_j v[j][e] * p[j][:]  (v[j][e] broadcast)
+// so row maxima and sums never need a horizontal reduction, and K and V are read in place
+// with any strides. The epilogue transposes acc / l_i into the output rows.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "cpu/kernel_common.h"
+#include "cpu/vec_math.h"
+
+#ifndef FASTATTN_CPU_ISA
+#error "define FASTATTN_CPU_ISA (the ISA's namespace) before including this header"
+#endif
+
+namespace fastattn::FASTATTN_CPU_ISA {
+
+// Register blocking: a micro-step keeps kSteps x kVectors accumulators, kVectors operands and one
+// broadcast in registers: 4 x 3 + 3 + 1 = 16 (SSE2, AVX2) or 8 x 3 + 3 + 1 = 28 of 32 (AVX-512).
+template <class V>
+struct Tile {
+  static constexpr int kVectors = 3;                           // SIMD vectors of queries per tile
+  static constexpr int kBlockM = kVectors * V::size;           // queries per tile
+  static constexpr int kBlockN = 64;                           // keys per online-softmax step
+  static constexpr int kSteps = V::kRegisters >= 32 ? 8 : 4;   // keys (or value columns) per micro-step
+};
+
+// Per-thread working memory, allocated once per call and thread: O(tile), never O(L x S).
+template <class V>
+struct TileScratch {
+  using T = typename V::value_type;
+  static constexpr int64_t M = Tile<V>::kBlockM;
+  AlignedBuffer<T> memory;
+  T* q_tile;   // [head_dim][BLOCK_M], pre-scaled queries, transposed
+  T* scores;   // [BLOCK_N][BLOCK_M], scores then probabilities
+  T* acc;      // [head_dim_v][BLOCK_M], unnormalised output, transposed
+  T* row_max;  // [BLOCK_M], m_i
+  T* row_sum;  // [BLOCK_M], l_i
+
+  // Every piece is a multiple of BLOCK_M elements, hence of the vector width: all stay aligned.
+  TileScratch(int64_t head_dim, int64_t head_dim_v)
+      : memory((head_dim + Tile<V>::kBlockN + head_dim_v + 2) * M),
+        q_tile(memory.data()),
+        scores(q_tile + head_dim * M),
+        acc(scores + Tile<V>::kBlockN * M),
+        row_max(acc + head_dim_v * M),
+        row_sum(row_max + M) {}
+  bool ok() const { return memory.data() != nullptr; }
+};
+
+// Loads the query tile transposed and pre-scaled; rows past the end are zero.
+template <class V>
+void pack_query_tile(const MatrixView<const typename V::value_type>& q, int64_t row_begin,
+                     int64_t rows, int64_t head_dim, typename V::value_type q_scale, TileScratch<V>& s) {
+  using T = typename V::value_type;
+  constexpr int M = Tile<V>::kBlockM;
+  for (int64_t d = 0; d < head_dim; ++d) {
+    T* dst = s.q_tile + d * M;
+    for (int64_t r = 0; r < rows; ++r) dst[r] = q(row_begin + r, d) * q_scale;
+    for (int64_t r = rows; r < M; ++r) dst[r] = T(0);
+  }
+}
+
+// scores[j][:] = k[key_begin + j] . q_tile for NK consecutive keys, accumulated in registers.
+template <class V, int NK>
+void score_keys(const MatrixView<const typename V::value_type>& k, int64_t key_begin,
+                int64_t head_dim, const typename V::value_type* q_tile,
+                typename V::value_type* scores) {
+  constexpr int R = Tile<V>::kVectors, W = V::size, M = Tile<V>::kBlockM;
+  V acc[NK][R];
+  for (int j = 0; j < NK; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = V::zero();
+  for (int64_t d = 0; d < head_dim; ++d) {
+    V q[R];
+    for (int r = 0; r < R; ++r) q[r] = V::load(q_tile + d * M + r * W);
+    for (int j = 0; j < NK; ++j) {
+      const V key = V::broadcast(k(key_begin + j, d));
+      for (int r = 0; r < R; ++r) acc[j][r] = fmadd(key, q[r], acc[j][r]);
+    }
+  }
+  for (int j = 0; j < NK; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r].store(scores + j * M + r * W);
+}
+
+// The last keys % kSteps keys of a block, with a micro-step of exactly that many keys.
+template <class V, int NK = Tile<V>::kSteps - 1>
+void score_key_tail(int keys, const MatrixView<const typename V::value_type>& k, int64_t key_begin,
+                    int64_t head_dim, const typename V::value_type* q_tile, typename V::value_type* scores) {
+  if constexpr (NK > 0) {
+    if (keys == NK) return score_keys<V, NK>(k, key_begin, head_dim, q_tile, scores);
+    score_key_tail<V, NK - 1>(keys, k, key_begin, head_dim, q_tile, scores);
+  }
+}
+
+template <class V>
+void score_block(const MatrixView<const typename V::value_type>& k, int64_t key_begin, int keys,
+                 int64_t head_dim, TileScratch<V>& s) {
+  constexpr int KS = Tile<V>::kSteps, M = Tile<V>::kBlockM;
+  int j = 0;
+  for (; j + KS <= keys; j += KS) score_keys<V, KS>(k, key_begin + j, head_dim, s.q_tile, s.scores + j * M);
+  score_key_tail<V>(keys - j, k, key_begin + j, head_dim, s.q_tile, s.scores + j * M);
+}
+
+// Hides invisible keys (-inf) and adds the float mask, for the rows < rows_valid. Only blocks that
+// cross the causal diagonal or have a mask come here.
+template <class V, class MaskT>
+void mask_block(const HeadViews<typename V::value_type>& h, bool causal, int64_t row_begin,
+                int64_t rows_valid, int64_t key_begin, int keys, TileScratch<V>& s) {
+  using T = typename V::value_type;
+  constexpr int M = Tile<V>::kBlockM;
+  for (int j = 0; j < keys; ++j) {
+    const int64_t key = key_begin + j;
+    T* row = s.scores + j * M;
+    for (int64_t r = 0; r < rows_valid; ++r) {
+      const int64_t query = row_begin + r;
+      row[r] = causal && key > query ? -std::numeric_limits<T>::infinity()
+                                     : apply_mask<MaskT>(row[r], h, query, key);
+    }
+  }
+}
+
+// Online softmax over one block, lane by lane: updates m_i and l_i, turns scores into
+// probabilities and rescales acc by alpha = exp2(m_old - m_new).
+template <class V>
+void softmax_block(int keys, int64_t head_dim_v, TileScratch<V>& s) {
+  using T = typename V::value_type;
+  constexpr int R = Tile<V>::kVectors, W = V::size, M = Tile<V>::kBlockM;
+  for (int r = 0; r < R; ++r) {
+    const int lane0 = r * W;
+    const V m_old = V::load(s.row_max + lane0);
+    V m_new = m_old;
+    for (int j = 0; j < keys; ++j) m_new = max(m_new, V::load(s.scores + j * M + lane0));
+    // A row that has seen no visible key keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+    const V m_sub = replace_neg_inf(m_new, T(0));
+    const V alpha = exp2(m_old - m_sub);
+    V sum = V::zero();
+    for (int j = 0; j < keys; ++j) {
+      const V p = exp2(V::load(s.scores + j * M + lane0) - m_sub);
+      p.store(s.scores + j * M + lane0);
+      sum = sum + p;
+    }
+    fmadd(V::load(s.row_sum + lane0), alpha, sum).store(s.row_sum + lane0);
+    m_new.store(s.row_max + lane0);
+    for (int64_t e = 0; e < head_dim_v; ++e) {
+      T* a = s.acc + e * M + lane0;
+      (V::load(a) * alpha).store(a);
+    }
+  }
+}
+
+// acc[e][:] += sum_j v[key_begin + j][e] * p[j][:] for NE consecutive output columns.
+template <class V, int NE>
+void accumulate_values(const MatrixView<const typename V::value_type>& v, int64_t key_begin,
+                       int keys, int64_t col_begin, TileScratch<V>& s) {
+  constexpr int R = Tile<V>::kVectors, W = V::size, M = Tile<V>::kBlockM;
+  V acc[NE][R];
+  for (int c = 0; c < NE; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = V::load(s.acc + (col_begin + c) * M + r * W);
+  for (int j = 0; j < keys; ++j) {
+    V p[R];
+    for (int r = 0; r < R; ++r) p[r] = V::load(s.scores + j * M + r * W);
+    for (int c = 0; c < NE; ++c) {
+      const V value = V::broadcast(v(key_begin + j, col_begin + c));
+      for (int r = 0; r < R; ++r) acc[c][r] = fmadd(value, p[r], acc[c][r]);
+    }
+  }
+  for (int c = 0; c < NE; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r].store(s.acc + (col_begin + c) * M + r * W);
+}
+
+template <class V, int NE = Tile<V>::kSteps - 1>
+void accumulate_value_tail(int cols, const MatrixView<const typename V::value_type>& v, int64_t key_begin,
+                           int keys, int64_t col_begin, TileScratch<V>& s) {
+  if constexpr (NE > 0) {
+    if (cols == NE) return accumulate_values<V, NE>(v, key_begin, keys, col_begin, s);
+    accumulate_value_tail<V, NE - 1>(cols, v, key_begin, keys, col_begin, s);
+  }
+}
+
+template <class V>
+void accumulate_block(const MatrixView<const typename V::value_type>& v, int64_t key_begin,
+                      int keys, int64_t head_dim_v, TileScratch<V>& s) {
+  constexpr int CS = Tile<V>::kSteps;
+  int64_t e = 0;
+  for (; e + CS <= head_dim_v; e += CS) accumulate_values<V, CS>(v, key_begin, keys, e, s);
+  accumulate_value_tail<V>(static_cast<int>(head_dim_v - e), v, key_begin, keys, e, s);
+}
+
+// One query tile of one head against all the keys it can see.
+template <class V, class MaskT>
+void attend_tile(const AttentionParams& p, const HeadViews<typename V::value_type>& h,
+                 int64_t row_begin, TileScratch<V>& s) {
+  using T = typename V::value_type;
+  constexpr int M = Tile<V>::kBlockM, N = Tile<V>::kBlockN;
+  const int64_t rows = std::min<int64_t>(M, p.seqlen_q - row_begin);
+
+  pack_query_tile<V>(h.q, row_begin, rows, p.head_dim, static_cast<T>(p.scale * kLog2e), s);
+  for (int i = 0; i < M; ++i) {
+    s.row_max[i] = -std::numeric_limits<T>::infinity();
+    s.row_sum[i] = T(0);
+  }
+  for (int64_t i = 0; i < p.head_dim_v * M; ++i) s.acc[i] = T(0);
+
+  // Causal: the tile's last row sees keys up to row_begin + rows - 1; later blocks are skipped.
+  const int64_t key_end = p.causal ? std::min(p.seqlen_k, row_begin + rows) : p.seqlen_k;
+  for (int64_t key_begin = 0; key_begin < key_end; key_begin += N) {
+    const int keys = static_cast<int>(std::min<int64_t>(N, key_end - key_begin));
+    score_block<V>(h.k, key_begin, keys, p.head_dim, s);
+    // Only blocks with a key past the tile's first row cross the diagonal.
+    const bool crosses_diagonal = p.causal && key_begin + keys - 1 > row_begin;
+    if (!std::is_void_v<MaskT> || crosses_diagonal)
+      mask_block<V, MaskT>(h, crosses_diagonal, row_begin, rows, key_begin, keys, s);
+    softmax_block<V>(keys, p.head_dim_v, s);
+    accumulate_block<V>(h.v, key_begin, keys, p.head_dim_v, s);
+  }
+
+  // Epilogue: out = acc / l_i; rows that saw no visible key (l_i = 0) give zeros.
+  for (int64_t r = 0; r < rows; ++r) {
+    const T inv_sum = s.row_sum[r] == T(0) ? T(0) : T(1) / s.row_sum[r];
+    for (int64_t e = 0; e < p.head_dim_v; ++e) h.out(row_begin + r, e) = s.acc[e * M + r] * inv_sum;
+  }
+}
+
+}  // namespace fastattn::FASTATTN_CPU_ISA
