@@ -50,7 +50,9 @@ struct VecAvx2<float> {
   }
   friend VecAvx2 times_pow2(VecAvx2 p, VecAvx2 n) {
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23);
-    return {_mm256_mul_ps(p.v, _mm256_castsi256_ps(bits))};
+    // NaN lanes count as normal, so a NaN stays NaN.
+    const __m256 normal = _mm256_cmp_ps(n.v, _mm256_set1_ps(-126.0f), _CMP_NLT_UQ);
+    return {_mm256_and_ps(normal, _mm256_mul_ps(p.v, _mm256_castsi256_ps(bits)))};
   }
 };
 
@@ -90,7 +92,8 @@ struct VecAvx2<double> {
   friend VecAvx2 times_pow2(VecAvx2 p, VecAvx2 n) {
     const __m256i exponent = _mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n.v));
     const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(exponent, _mm256_set1_epi64x(1023)), 52);
-    return {_mm256_mul_pd(p.v, _mm256_castsi256_pd(bits))};
+    const __m256d normal = _mm256_cmp_pd(n.v, _mm256_set1_pd(-1022.0), _CMP_NLT_UQ);
+    return {_mm256_and_pd(normal, _mm256_mul_pd(p.v, _mm256_castsi256_pd(bits)))};
   }
 };
 

@@ -39,6 +39,7 @@ struct VecAvx512<float> {
   friend VecAvx512 round_nearest(VecAvx512 x) {
     return {_mm512_roundscale_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
   }
+  // vscalefps: p * 2^n with IEEE underflow, so no special case below the normal range.
   friend VecAvx512 times_pow2(VecAvx512 p, VecAvx512 n) { return {_mm512_scalef_ps(p.v, n.v)}; }
 };
 

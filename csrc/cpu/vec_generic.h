@@ -64,14 +64,14 @@ struct VecGeneric {
     const T shifter = sizeof(T) == 4 ? T(12582912.0) : T(6755399441055744.0);
     return {(x.v + shifter) - shifter};
   }
-  // p * 2^n for lanes of n holding integers in the normal exponent range.
+  // p * 2^n for lanes of n holding integers <= the largest exponent; 0 below the smallest normal one.
   friend VecGeneric times_pow2(VecGeneric p, VecGeneric n) {
     constexpr int mantissa_bits = sizeof(T) == 4 ? 23 : 52;
     constexpr Bits bias = sizeof(T) == 4 ? 127 : 1023;
     const NativeBits bits = (__builtin_convertvector(n.v, NativeBits) + bias) << mantissa_bits;
     Native scale;
     std::memcpy(&scale, &bits, sizeof(Native));
-    return {p.v * scale};
+    return {n.v < T(1 - bias) ? Native{} : p.v * scale};
   }
 };
 
