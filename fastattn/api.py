@@ -88,7 +88,8 @@ _SDPA_NAMES = _Names("query", "key", "value", "attn_mask", "is_causal")
 
 def _check_array(x, name):
     if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__}; convert it explicitly, "
+                        f"e.g. with np.asarray(..., dtype=np.float32)")
     if x.ndim < 2:
         raise ValueError(f"{name} must have at least 2 dims (..., L, E), got shape {x.shape}")
     if x.ndim > _MAX_NDIM:

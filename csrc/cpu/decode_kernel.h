@@ -45,7 +45,7 @@ inline bool use_decode_kernel(const AttentionParams& p) {
   return DecodeShape(p).rows <= Decode::kMaxRows && p.k_strides.col == 1 && p.v_strides.col == 1;
 }
 
-// What one row has seen of one split: running max m (base 2), running sum l, unnormalised acc.
+// What one row has seen of one split: running max m, running sum l, unnormalised acc.
 // Laid out [rows][2 + head_dim_v] in the partial-results buffer.
 template <class T>
 struct RowState {
@@ -61,7 +61,7 @@ struct DecodeScratch {
   static constexpr int W = V::size;
   int64_t q_stride, acc_stride;  // padded to whole vectors
   AlignedBuffer<T> memory;
-  T* q;       // [rows][q_stride], pre-scaled by scale * log2(e), zero-padded
+  T* q;       // [rows][q_stride], pre-scaled, zero-padded
   T* acc;     // [rows][acc_stride]
   T* scores;  // [W]
 
@@ -107,7 +107,7 @@ void decode_split(const AttentionParams& p, const HeadViews<typename V::value_ty
   constexpr int W = V::size;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const int64_t L = p.seqlen_q, E = p.head_dim, Ev = p.head_dim_v;
-  const T q_scale = static_cast<T>(p.scale * kLog2e);
+  const T q_scale = static_cast<T>(p.scale);
   const MatrixView<const T>& k = heads[0].k;  // one K and one V head for the whole group
   const MatrixView<const T>& v = heads[0].v;
 
@@ -142,8 +142,8 @@ void decode_split(const AttentionParams& p, const HeadViews<typename V::value_ty
       const T m_old = state.m();
       const T m_new = std::max(m_old, reduce_max(scores));
       const T m_sub = m_new == neg_inf ? T(0) : m_new;
-      const V probs = exp2(scores - V::broadcast(m_sub));
-      const T alpha = std::exp2(m_old - m_sub);
+      const V probs = exp(scores - V::broadcast(m_sub));
+      const T alpha = std::exp(m_old - m_sub);
       probs.store(s.scores);
       state.m() = m_new;
       state.l() = state.l() * alpha + reduce_add(probs);
@@ -166,7 +166,7 @@ void decode_split(const AttentionParams& p, const HeadViews<typename V::value_ty
   }
 }
 
-// Combines the splits of one row: out = sum_s acc_s 2^(m_s - m) / sum_s l_s 2^(m_s - m),
+// Combines the splits of one row: out = sum_s acc_s e^(m_s - m) / sum_s l_s e^(m_s - m),
 // m = max_s m_s, in split order. Splits that saw no visible key (m_s = -inf) add nothing; a row
 // with none at all gives zeros.
 template <class T>
@@ -179,7 +179,7 @@ void merge_splits(const T* states, int64_t splits, int64_t split_stride, int64_t
   for (int64_t e = 0; e < head_dim_v; ++e) out(query, e) = T(0);
   for (int64_t sp = 0; sp < splits; ++sp) {
     const RowState<const T> state{states + sp * split_stride};
-    const T weight = std::exp2(state.m() - m_sub);
+    const T weight = std::exp(state.m() - m_sub);
     l += state.l() * weight;
     for (int64_t e = 0; e < head_dim_v; ++e) out(query, e) += state.acc()[e] * weight;
   }

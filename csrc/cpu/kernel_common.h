@@ -15,8 +15,6 @@
 
 namespace fastattn::FASTATTN_CPU_ISA {
 
-inline constexpr double kLog2e = 1.4426950408889634;
-
 // A 2-D view of one head of one operand: element (i, j) sits at data[i * row + j * col].
 template <class T>
 struct MatrixView {
@@ -95,17 +93,23 @@ void visit_mask_type(const AttentionParams& p, F&& f) {
   }
 }
 
-// A score in base-2 units after the mask of (query, key): -inf when hidden, plus the float mask.
+// A score after the mask of (query, key): -inf when hidden, plus the float mask.
 template <class MaskT, class T>
 T apply_mask(T score, const HeadViews<T>& h, int64_t query, int64_t key) {
   if constexpr (std::is_void_v<MaskT>) {
     return score;
   } else {
     const MaskT m = static_cast<const MaskT*>(h.mask)[query * h.mask_row + key * h.mask_col];
-    if constexpr (std::is_same_v<MaskT, uint8_t>)
+    if constexpr (std::is_same_v<MaskT, uint8_t>) {
       return m != 0 ? score : -std::numeric_limits<T>::infinity();
-    else
-      return score + static_cast<T>(m * kLog2e);
+    } else if constexpr (sizeof(MaskT) > sizeof(T)) {
+      // A float64 mask on float32 scores: huge finite values (a "minus infinity" written as
+      // -1e300) stay finite, as in the float64 reference, instead of rounding to -inf.
+      constexpr MaskT lowest = std::numeric_limits<T>::lowest(), highest = std::numeric_limits<T>::max();
+      return score + static_cast<T>(m < lowest && m != -INFINITY ? lowest : m > highest && m != INFINITY ? highest : m);
+    } else {
+      return score + m;
+    }
   }
 }
 

@@ -1,8 +1,7 @@
 // Prefill kernel: queries live in SIMD lanes. A tile of BLOCK_M queries is packed transposed,
-// q_tile[d][BLOCK_M], already multiplied by scale * log2(e), so scores come out in base-2 units
-// and the softmax needs exp2 only. For each block of BLOCK_N keys:
+// q_tile[d][BLOCK_M], already multiplied by scale. For each block of BLOCK_N keys:
 //   scores[j][BLOCK_M] = sum_d k[j][d] * q_tile[d][:]      (k[j][d] broadcast, no packing of K)
-//   online softmax lane by lane: m_i (running max), l_i (running sum), alpha = exp2(m_old - m_new)
+//   online softmax lane by lane: m_i (running max), l_i (running sum), alpha = exp(m_old - m_new)
 //   acc[e][BLOCK_M] = alpha * acc + sum_j v[j][e] * p[j][:]  (v[j][e] broadcast)
 // so row maxima and sums never need a horizontal reduction, and K and V are read in place
 // with any strides. The epilogue transposes acc / l_i into the output rows.
@@ -127,7 +126,7 @@ void mask_block(const HeadViews<typename V::value_type>& h, bool causal, int64_t
 }
 
 // Online softmax over one block, lane by lane: updates m_i and l_i, turns scores into
-// probabilities and rescales acc by alpha = exp2(m_old - m_new).
+// probabilities and rescales acc by alpha = exp(m_old - m_new).
 template <class V>
 void softmax_block(int keys, int64_t head_dim_v, TileScratch<V>& s) {
   using T = typename V::value_type;
@@ -137,12 +136,12 @@ void softmax_block(int keys, int64_t head_dim_v, TileScratch<V>& s) {
     const V m_old = V::load(s.row_max + lane0);
     V m_new = m_old;
     for (int j = 0; j < keys; ++j) m_new = max(m_new, V::load(s.scores + j * M + lane0));
-    // A row that has seen no visible key keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+    // A row that has seen no visible key keeps m = -inf; subtract 0 instead so exp gives 0, not NaN.
     const V m_sub = replace_neg_inf(m_new, T(0));
-    const V alpha = exp2(m_old - m_sub);
+    const V alpha = exp(m_old - m_sub);
     V sum = V::zero();
     for (int j = 0; j < keys; ++j) {
-      const V p = exp2(V::load(s.scores + j * M + lane0) - m_sub);
+      const V p = exp(V::load(s.scores + j * M + lane0) - m_sub);
       p.store(s.scores + j * M + lane0);
       sum = sum + p;
     }
@@ -201,7 +200,7 @@ void attend_tile(const AttentionParams& p, const HeadViews<typename V::value_typ
   constexpr int M = Tile<V>::kBlockM, N = Tile<V>::kBlockN;
   const int64_t rows = std::min<int64_t>(M, p.seqlen_q - row_begin);
 
-  pack_query_tile<V>(h.q, row_begin, rows, p.head_dim, static_cast<T>(p.scale * kLog2e), s);
+  pack_query_tile<V>(h.q, row_begin, rows, p.head_dim, static_cast<T>(p.scale), s);
   for (int i = 0; i < M; ++i) {
     s.row_max[i] = -std::numeric_limits<T>::infinity();
     s.row_sum[i] = T(0);

@@ -1,0 +1,137 @@
+"""Shared helpers: random inputs and the accuracy criterion every kernel result is held to."""
+
+import numpy as np
+import pytest
+
+from fastattn import api, reference
+
+SEED = 20250601
+
+# Every CPU kernel this machine can run: the files that compare the kernel with the spec use
+# the isa fixture, so each compiled ISA runs the same cases.
+SUPPORTED_ISAS = api.cpu_info()["supported_isas"] if hasattr(api, "cpu_info") else ["default"]
+
+
+@pytest.fixture(params=SUPPORTED_ISAS)
+def isa(request):
+    if request.param == "default":
+        yield request.param
+        return
+    chosen = api.cpu_info()["isa"]
+    api.set_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        api.set_isa(chosen)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(SEED)
+
+
+def randn(rng, shape, dtype):
+    return rng.standard_normal(shape, dtype=dtype)
+
+
+def qkv(rng, dtype, q_shape, k_shape, v_shape):
+    return randn(rng, q_shape, dtype), randn(rng, k_shape, dtype), randn(rng, v_shape, dtype)
+
+
+def float_mask(rng, shape, hidden=0.3):
+    """Additive mask: moderate values, with about `hidden` of the entries set to -inf."""
+    mask = rng.standard_normal(shape)
+    mask[rng.random(shape) < hidden] = -np.inf
+    return mask
+
+
+def bool_mask(rng, shape, hidden=0.3):
+    return rng.random(shape) >= hidden
+
+
+def attention_in(dtype, q, k, v, mask=None, causal=False, scale=None):
+    """fastattn.reference.attention's math, line for line, but evaluated in `dtype`.
+
+    In float32 this is the naive implementation a kernel's error is compared with; in
+    np.longdouble it is the exact answer a float64 kernel (and the reference) is measured against.
+    """
+    q, k, v = (np.asarray(x).astype(dtype) for x in (q, k, v))
+    num_heads_q, seqlen_q, head_dim = q.shape[-3:] if q.ndim > 2 else (1, *q.shape)
+    seqlen_k = k.shape[-2]
+    if k.ndim > 2 and k.shape[-3] != num_heads_q:
+        k = np.repeat(k, num_heads_q // k.shape[-3], axis=-3)
+    if v.ndim > 2 and v.shape[-3] != num_heads_q:
+        v = np.repeat(v, num_heads_q // v.shape[-3], axis=-3)
+    if scale is None:
+        scale = 1 / np.sqrt(dtype(head_dim)) if head_dim > 0 else dtype(1)
+    scale = dtype(scale)
+
+    scores = (q * scale) @ np.swapaxes(k, -1, -2)
+    visible = np.ones((seqlen_q, seqlen_k), dtype=bool)
+    if causal:
+        visible = np.tril(visible)
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.dtype == np.bool_:
+            visible = visible & mask
+        else:
+            scores = scores + mask.astype(dtype)
+    scores = np.where(visible, scores, -np.inf)
+
+    row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
+    row_max = np.where(np.isneginf(row_max), 0, row_max)
+    weights = np.exp(scores - row_max)
+    row_sum = weights.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        weights = np.where(row_sum == 0, 0, weights / row_sum)
+    return weights @ v
+
+
+def assert_within_naive_error(out, exact, naive):
+    """Assert max|out - exact| <= 2 * max|naive - exact| + floor.
+
+    This is FlashAttention's test criterion: a fused kernel may round differently from a naive
+    softmax(q k^T) v in the same precision, but must not be more than twice as wrong. The floor,
+    8 eps of out's dtype relative to the output's magnitude, covers cases where the naive
+    result happens to be exact (one key, one-hot weights) while the kernel still rounds a few
+    times more (the online-softmax rescaling, its exp approximation and the final 1/l).
+    NaN must appear exactly where the exact result has NaN.
+    """
+    exact = np.asarray(exact, dtype=np.longdouble)
+    nan = np.isnan(exact)
+    np.testing.assert_array_equal(np.isnan(out), nan, err_msg="NaN positions differ")
+    if exact.size == 0:
+        return
+    err = np.max(np.abs(np.where(nan, 0, out - exact)))
+    naive_err = np.max(np.abs(np.where(nan, 0, naive - exact)))
+    magnitude = np.max(np.abs(np.where(nan, 0, exact)), initial=0)
+    floor = 8 * np.finfo(out.dtype).eps * max(1.0, float(magnitude))
+    bound = 2 * naive_err + floor
+    assert err <= bound, f"max error {float(err):.3g} > bound {float(bound):.3g} (naive error {float(naive_err):.3g})"
+
+
+def check_against_reference(out, q, k, v, mask=None, causal=False, scale=None):
+    """Check a fastattn.attention result: a C-contiguous array of q's dtype, as accurate as
+    assert_accurate demands."""
+    q = np.asarray(q)
+    assert isinstance(out, np.ndarray)
+    assert out.dtype == q.dtype
+    assert out.flags.c_contiguous
+    assert_accurate(out, q, k, v, mask, causal, scale)
+
+
+def assert_accurate(out, q, k, v, mask=None, causal=False, scale=None):
+    """Compare out's shape and values with fastattn.reference, the spec.
+
+    float32 results are held to the float32 naive implementation's error against the float64
+    reference. For float64 results the reference itself is the naive implementation and the
+    exact answer is the same math in extended precision (np.longdouble).
+    """
+    q = np.asarray(q)
+    ref = reference.attention(q, k, v, mask, causal=causal, scale=scale)
+    assert out.shape == ref.shape
+    if q.dtype == np.float32:
+        exact, naive = ref, attention_in(np.float32, q, k, v, mask, causal, scale)
+    else:
+        exact, naive = attention_in(np.longdouble, q, k, v, mask, causal, scale), ref
+    assert_within_naive_error(out, exact, naive)

@@ -1,0 +1,93 @@
+"""Memory: a long sequence never materialises the score matrix, and views are never copied."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import fastattn
+
+from conftest import assert_accurate, bool_mask, randn
+
+MIB = 2**20
+
+LONG_SEQLEN, LONG_HEADS, LONG_HEAD_DIM = 16384, 2, 64
+CHECKED_ROWS = [0, 1, 47, 48, 63, 64, 65, 4095, 8191, 12345, 16383]
+
+# Runs in a fresh process so that ru_maxrss, the peak resident size, reflects this call alone.
+LONG_CAUSAL_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys
+    import numpy as np
+    import fastattn
+
+    folder, rows = sys.argv[1], json.loads(sys.argv[2])
+    q, k, v = (np.load(f"{folder}/{name}.npy") for name in "qkv")
+    fastattn.attention(q[:, :100], k[:, :100], v[:, :100], causal=True)  # start threads, allocate scratch
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = fastattn.attention(q, k, v, causal=True)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    np.save(f"{folder}/rows.npy", out[:, rows])
+    print(json.dumps({"growth_kib": after - before, "out_bytes": out.nbytes, "shape": out.shape}))
+    """
+)
+
+
+def test_long_causal_sequence_uses_little_memory(rng, tmp_path):
+    shape = (LONG_HEADS, LONG_SEQLEN, LONG_HEAD_DIM)
+    q, k, v = (randn(rng, shape, np.float32) for _ in range(3))
+    for name, x in zip("qkv", (q, k, v)):
+        np.save(tmp_path / f"{name}.npy", x)
+
+    result = subprocess.run(
+        [sys.executable, "-c", LONG_CAUSAL_SCRIPT, str(tmp_path), json.dumps(CHECKED_ROWS)],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert tuple(report["shape"]) == shape
+    # One L x S float32 score matrix would be 1 GiB per head; a tiled kernel needs a few tiles
+    # per thread on top of its output.
+    assert report["growth_kib"] * 1024 < report["out_bytes"] + 64 * MIB
+
+    rows = np.load(tmp_path / "rows.npy")
+    for position, row in enumerate(CHECKED_ROWS):
+        # Causal (top-left): query row i attends exactly keys 0..i.
+        visible = slice(0, row + 1)
+        assert_accurate(rows[:, position : position + 1], q[:, row : row + 1], k[:, visible], v[:, visible])
+
+
+def transposed_view(rng, batch, seqlen, heads, head_dim):
+    return randn(rng, (batch, seqlen, heads, head_dim), np.float32).transpose(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float32"])
+def test_views_are_read_in_place(rng, mask_kind):
+    """NumPy reports its allocations to tracemalloc, so any copy of an input shows in the peak."""
+    batch, heads, seqlen, head_dim = 4, 8, 1024, 64
+    q = transposed_view(rng, batch, seqlen, heads, head_dim)
+    k = randn(rng, (batch, heads, seqlen, head_dim), np.float32)[:, ::-1, ::-1, :]
+    v = np.broadcast_to(randn(rng, (seqlen, head_dim), np.float32), (batch, heads, seqlen, head_dim))
+    mask = {
+        None: None,
+        "bool": bool_mask(rng, (seqlen, seqlen)),
+        "float32": np.where(bool_mask(rng, (seqlen, seqlen)), np.float32(0.5), np.float32(-np.inf)),
+    }[mask_kind]
+    if mask is not None:
+        mask = np.broadcast_to(mask, (batch, heads, seqlen, seqlen))
+    fastattn.attention(q, k, v, mask, causal=True)  # any one-time allocations happen here
+
+    tracemalloc.start()
+    try:
+        out = fastattn.attention(q, k, v, mask, causal=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Each input is 8 MiB (the broadcast mask 32 or 128 MiB) if copied; the output is 8 MiB.
+    assert peak < out.nbytes + 1 * MIB

@@ -1,0 +1,106 @@
+"""Thread count control, and results that do not depend on threads at all."""
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import fastattn
+
+from conftest import bool_mask, float_mask, randn
+
+
+@pytest.fixture
+def restore_threads():
+    saved = fastattn.get_num_threads()
+    yield
+    fastattn.set_num_threads(saved)
+
+
+def make_case(rng, dtype, q_shape, k_shape, v_shape, mask=None, causal=False):
+    q, k, v = randn(rng, q_shape, dtype), randn(rng, k_shape, dtype), randn(rng, v_shape, dtype)
+    if mask is not None:
+        mask = mask(rng, (q_shape[-2], k_shape[-2]))
+    return (q, k, v, mask), {"causal": causal}
+
+
+CASES = {
+    "full": (np.float32, (1, 8, 512, 64), (1, 8, 512, 64), (1, 8, 512, 64)),
+    "causal": (np.float32, (2, 4, 197, 64), (2, 4, 197, 64), (2, 4, 197, 64), None, True),
+    "causal L>S, float mask": (np.float32, (2, 3, 300, 80), (2, 3, 130, 80), (2, 3, 130, 80), float_mask, True),
+    "bool mask, GQA": (np.float32, (1, 8, 65, 128), (1, 2, 1000, 128), (1, 2, 1000, 128), bool_mask),
+    # One query row and few heads: a kernel may split the keys across threads here.
+    "decode": (np.float32, (1, 8, 1, 128), (1, 2, 8192, 128), (1, 2, 8192, 128)),
+    "decode, one head, mask": (np.float32, (1, 1, 1, 64), (1, 1, 20000, 64), (1, 1, 20000, 64), bool_mask),
+    "float64": (np.float64, (2, 2, 200, 17), (2, 2, 333, 17), (2, 2, 333, 9), float_mask, True),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_one_and_two_threads_agree_bitwise(isa, rng, restore_threads, case):
+    args, kwargs = make_case(rng, *CASES[case])
+    fastattn.set_num_threads(1)
+    single = fastattn.attention(*args, **kwargs)
+    fastattn.set_num_threads(2)
+    double = fastattn.attention(*args, **kwargs)
+    np.testing.assert_array_equal(double, single)
+
+
+def test_set_get_roundtrip(restore_threads):
+    for threads in (1, 2, 1):
+        fastattn.set_num_threads(threads)
+        assert fastattn.get_num_threads() == threads
+
+
+def num_threads_in_fresh_process(env_value=None, cpus=None):
+    env = {key: value for key, value in os.environ.items() if key != "FASTATTN_NUM_THREADS"}
+    if env_value is not None:
+        env["FASTATTN_NUM_THREADS"] = env_value
+    script = "import os\n"
+    if cpus is not None:
+        script += f"os.sched_setaffinity(0, {sorted(cpus)})\n"
+    script += "import fastattn\nprint(fastattn.get_num_threads())"
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd="/", capture_output=True, text=True, check=True)
+    return int(result.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_env_var_sets_default(threads):
+    assert num_threads_in_fresh_process(str(threads)) == threads
+
+
+def test_default_is_cores_available_to_process():
+    assert num_threads_in_fresh_process() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores to restrict to one")
+def test_default_follows_cpu_affinity():
+    one_core = {min(os.sched_getaffinity(0))}
+    assert num_threads_in_fresh_process(cpus=one_core) == 1
+
+
+def test_concurrent_calls_match_serial(isa, rng):
+    shapes = [
+        ((2, 4, 65, 64), (2, 4, 197, 64), (2, 4, 197, 64)),
+        ((1, 8, 256, 128), (1, 2, 256, 128), (1, 2, 256, 128)),
+        ((3, 7, 17), (3, 1000, 17), (3, 1000, 33)),
+        ((1, 4, 1, 64), (1, 4, 4096, 64), (1, 4, 4096, 64)),
+        ((2, 2, 300, 80), (2, 2, 100, 80), (2, 2, 100, 80)),
+        ((5, 63, 32), (5, 64, 32), (5, 64, 32)),
+        ((1, 1, 1000, 3), (1, 1, 1000, 3), (1, 1, 1000, 3)),
+        ((4, 2, 128, 256), (4, 2, 128, 256), (4, 2, 128, 256)),
+    ]
+    calls = []
+    for index, (q_shape, k_shape, v_shape) in enumerate(shapes):
+        dtype = np.float64 if index % 3 == 2 else np.float32
+        args, _ = make_case(rng, dtype, q_shape, k_shape, v_shape, bool_mask if index % 2 else None)
+        calls.append((args, {"causal": index % 4 == 1}))
+
+    serial = [fastattn.attention(*args, **kwargs) for args, kwargs in calls]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        concurrent = list(pool.map(lambda call: fastattn.attention(*call[0], **call[1]), calls * 3))
+    for index, out in enumerate(concurrent):
+        np.testing.assert_array_equal(out, serial[index % len(calls)])
