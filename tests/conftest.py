@@ -1,5 +1,9 @@
 """Shared helpers: random inputs and the accuracy criterion every kernel result is held to."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -23,6 +27,15 @@ def isa(request):
         yield request.param
     finally:
         api.set_isa(chosen)
+
+
+def run_python(code, *args, env_update=None, env_remove=(), launcher=(), check=True, timeout=600):
+    """Run `code` in a fresh interpreter outside the source tree, so it imports the installed
+    fastattn (from the repository root, `fastattn/` would shadow it without its compiled module)."""
+    env = {k: v for k, v in os.environ.items() if k not in env_remove}
+    env.update(env_update or {})
+    return subprocess.run([*launcher, sys.executable, "-c", code, *args], env=env, cwd="/",
+                          capture_output=True, text=True, check=check, timeout=timeout)
 
 
 @pytest.fixture

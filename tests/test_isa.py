@@ -2,16 +2,14 @@
 without AVX-512 or without AVX (emulated with qemu-user), which proves no wider instruction
 leaked into the baseline code."""
 
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
 import fastattn
+from conftest import run_python
 from fastattn import reference
 
 
@@ -24,24 +22,20 @@ def test_cpu_info_reports_the_isa_in_use():
 
 def test_best_isa_is_the_default():
     code = "import fastattn; i = fastattn.cpu_info(); print(i['isa'] == i['supported_isas'][-1])"
-    env = {k: v for k, v in os.environ.items() if k != "FASTATTN_ISA"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    result = run_python(code, env_remove=["FASTATTN_ISA"])
     assert result.stdout.split()[-1] == "True"
 
 
 @pytest.mark.parametrize("isa", fastattn.cpu_info()["supported_isas"])
 def test_environment_variable_forces_an_isa(isa):
-    code = "import fastattn; print(fastattn.cpu_info()['isa'])"
-    env = dict(os.environ, FASTATTN_ISA=isa)
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    result = run_python("import fastattn; print(fastattn.cpu_info()['isa'])", env_update={"FASTATTN_ISA": isa})
     assert result.stdout.split()[-1] == isa
 
 
 def test_unknown_isa_is_refused():
     with pytest.raises(ValueError, match="ISA 'sse9'"):
         fastattn.set_isa("sse9")
-    env = dict(os.environ, FASTATTN_ISA="sse9")
-    result = subprocess.run([sys.executable, "-c", "import fastattn"], env=env, capture_output=True, text=True)
+    result = run_python("import fastattn", env_update={"FASTATTN_ISA": "sse9"}, check=False)
     assert result.returncode != 0 and "FASTATTN_ISA" in result.stderr
 
 
@@ -73,8 +67,7 @@ EMULATED_CHECK = textwrap.dedent("""
                     reason="qemu-x86_64 not installed (Debian: apt-get install qemu-user)")
 @pytest.mark.parametrize("cpu, expected_isa", [("Haswell", "avx2"), ("Nehalem", "scalar")])
 def test_runs_on_older_cpus_under_qemu(cpu, expected_isa):
-    env = {k: v for k, v in os.environ.items() if k != "FASTATTN_ISA"}
-    result = subprocess.run(["qemu-x86_64", "-cpu", cpu, sys.executable, "-c", EMULATED_CHECK],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = run_python(EMULATED_CHECK, env_remove=["FASTATTN_ISA"], launcher=["qemu-x86_64", "-cpu", cpu],
+                        check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == expected_isa

@@ -1,8 +1,6 @@
 """Memory: a long sequence never materialises the score matrix, and views are never copied."""
 
 import json
-import subprocess
-import sys
 import textwrap
 import tracemalloc
 
@@ -11,7 +9,7 @@ import pytest
 
 import fastattn
 
-from conftest import assert_accurate, bool_mask, randn
+from conftest import assert_accurate, bool_mask, randn, run_python
 
 MIB = 2**20
 
@@ -43,13 +41,7 @@ def test_long_causal_sequence_uses_little_memory(rng, tmp_path):
     for name, x in zip("qkv", (q, k, v)):
         np.save(tmp_path / f"{name}.npy", x)
 
-    result = subprocess.run(
-        [sys.executable, "-c", LONG_CAUSAL_SCRIPT, str(tmp_path), json.dumps(CHECKED_ROWS)],
-        cwd="/",
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    result = run_python(LONG_CAUSAL_SCRIPT, str(tmp_path), json.dumps(CHECKED_ROWS))
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert tuple(report["shape"]) == shape
     # One L x S float32 score matrix would be 1 GiB per head; a tiled kernel needs a few tiles

@@ -1,8 +1,6 @@
 """fastattn.scaled_dot_product_attention as a drop-in for torch.nn.functional.scaled_dot_product_attention."""
 
 import contextlib
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -10,7 +8,7 @@ import pytest
 
 import fastattn
 
-from conftest import assert_within_naive_error, attention_in, bool_mask, float_mask, qkv, randn
+from conftest import assert_within_naive_error, attention_in, bool_mask, float_mask, qkv, randn, run_python
 
 torch = pytest.importorskip("torch")
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
@@ -246,4 +244,4 @@ def test_fastattn_does_not_import_torch():
         assert "torch" not in sys.modules, "fastattn imported torch"
         """
     )
-    subprocess.run([sys.executable, "-c", script], check=True, cwd="/")
+    run_python(script)

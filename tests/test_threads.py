@@ -1,8 +1,6 @@
 """Thread count control, and results that do not depend on threads at all."""
 
 import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -10,7 +8,7 @@ import pytest
 
 import fastattn
 
-from conftest import bool_mask, float_mask, randn
+from conftest import bool_mask, float_mask, randn, run_python
 
 
 @pytest.fixture
@@ -56,14 +54,12 @@ def test_set_get_roundtrip(restore_threads):
 
 
 def num_threads_in_fresh_process(env_value=None, cpus=None):
-    env = {key: value for key, value in os.environ.items() if key != "FASTATTN_NUM_THREADS"}
-    if env_value is not None:
-        env["FASTATTN_NUM_THREADS"] = env_value
     script = "import os\n"
     if cpus is not None:
         script += f"os.sched_setaffinity(0, {sorted(cpus)})\n"
     script += "import fastattn\nprint(fastattn.get_num_threads())"
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd="/", capture_output=True, text=True, check=True)
+    env_update = {"FASTATTN_NUM_THREADS": env_value} if env_value is not None else None
+    result = run_python(script, env_update=env_update, env_remove=["FASTATTN_NUM_THREADS"])
     return int(result.stdout.split()[-1])
 
 

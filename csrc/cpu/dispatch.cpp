@@ -19,7 +19,11 @@ bool always() { return true; }
 #if defined(FASTATTN_X86_KERNELS)
 // libgcc's checks include the OS saving the wider registers (XGETBV), not only CPUID.
 bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
-bool cpu_has_avx512() { return __builtin_cpu_supports("avx512f"); }
+// The AVX-512 file is compiled with F, BW, VL and DQ: the compiler may use any of them.
+bool cpu_has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
 constexpr Isa kIsas[] = {
     {"scalar", generic::attention_forward, always},
     {"avx2", avx2::attention_forward, cpu_has_avx2},

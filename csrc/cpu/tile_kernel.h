@@ -54,16 +54,18 @@ struct TileScratch {
   bool ok() const { return memory.data() != nullptr; }
 };
 
-// Loads the query tile transposed and pre-scaled; rows past the end are zero.
+// Loads the query tile transposed (gathering down the columns) and pre-scaled; rows past the end are zero.
 template <class V>
 void pack_query_tile(const MatrixView<const typename V::value_type>& q, int64_t row_begin,
                      int64_t rows, int64_t head_dim, typename V::value_type q_scale, TileScratch<V>& s) {
-  using T = typename V::value_type;
-  constexpr int M = Tile<V>::kBlockM;
+  constexpr int R = Tile<V>::kVectors, W = V::size, M = Tile<V>::kBlockM;
+  const V scale = V::broadcast(q_scale);
   for (int64_t d = 0; d < head_dim; ++d) {
-    T* dst = s.q_tile + d * M;
-    for (int64_t r = 0; r < rows; ++r) dst[r] = q(row_begin + r, d) * q_scale;
-    for (int64_t r = rows; r < M; ++r) dst[r] = T(0);
+    for (int r = 0; r < R; ++r) {
+      const int lanes = static_cast<int>(std::clamp<int64_t>(rows - r * W, 0, W));
+      const V column = lanes > 0 ? V::gather_partial(&q(row_begin + r * W, d), q.row, lanes) : V::zero();
+      (column * scale).store(s.q_tile + d * M + r * W);
+    }
   }
 }
 
@@ -220,10 +222,23 @@ void attend_tile(const AttentionParams& p, const HeadViews<typename V::value_typ
     accumulate_block<V>(h.v, key_begin, keys, p.head_dim_v, s);
   }
 
-  // Epilogue: out = acc / l_i; rows that saw no visible key (l_i = 0) give zeros.
+  // Epilogue: out = acc / l_i, gathering each row back from acc's columns; rows that saw no
+  // visible key (l_i = 0) give zeros.
+  constexpr int W = V::size;
   for (int64_t r = 0; r < rows; ++r) {
-    const T inv_sum = s.row_sum[r] == T(0) ? T(0) : T(1) / s.row_sum[r];
-    for (int64_t e = 0; e < p.head_dim_v; ++e) h.out(row_begin + r, e) = s.acc[e * M + r] * inv_sum;
+    const V inv_sum = V::broadcast(s.row_sum[r] == T(0) ? T(0) : T(1) / s.row_sum[r]);
+    for (int64_t e = 0; e < p.head_dim_v; e += W) {
+      const int lanes = static_cast<int>(std::min<int64_t>(W, p.head_dim_v - e));
+      const V values = V::gather_partial(s.acc + e * M + r, M, lanes) * inv_sum;
+      T* out = &h.out(row_begin + r, e);
+      if (h.out.col == 1) {
+        values.store_partial(out, lanes);
+      } else {
+        alignas(64) T buffer[W];
+        values.store(buffer);
+        for (int i = 0; i < lanes; ++i) out[i * h.out.col] = buffer[i];
+      }
+    }
   }
 }
 

@@ -48,6 +48,16 @@ struct VecGeneric {
   static VecGeneric select_less(VecGeneric a, VecGeneric b, VecGeneric if_less, VecGeneric otherwise) {
     return {a.v < b.v ? if_less.v : otherwise.v};
   }
+  void store_partial(T* p, int n) const {
+    for (int i = 0; i < n; ++i) p[i] = v[i];
+  }
+  // Lanes base[i * stride] for i < n, zeros after them.
+  static VecGeneric gather_partial(const T* base, int64_t stride, int n) {
+    VecGeneric r = zero();
+    for (int i = 0; i < n; ++i) r.v[i] = base[i * stride];
+    return r;
+  }
+
   friend T reduce_add(VecGeneric a) {
     T sum = a.v[0];
     for (int i = 1; i < N; ++i) sum += a.v[i];
