@@ -25,9 +25,13 @@ A row that sees no key at all returns zeros.
 import numpy as np
 
 
-def attention(q, k, v, mask=None, *, causal=False, scale=None):
-    """softmax(q k^T * scale + mask) v in float64; returns float64."""
-    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+def attention(q, k, v, mask=None, *, causal=False, scale=None, dtype=np.float64):
+    """softmax(q k^T * scale + mask) v, computed and returned in `dtype`.
+
+    float64 is the specification. Tests also evaluate the same math in float32 (the naive
+    implementation a kernel's rounding is compared with) and in np.longdouble (a more exact answer).
+    """
+    q, k, v = (np.asarray(x, dtype=dtype) for x in (q, k, v))
     num_heads_q, seqlen_q, head_dim = q.shape[-3:] if q.ndim > 2 else (1, *q.shape)
     seqlen_k = k.shape[-2]
     if k.ndim > 2 and k.shape[-3] != num_heads_q:  # grouped-query attention: repeat kv heads
@@ -35,7 +39,8 @@ def attention(q, k, v, mask=None, *, causal=False, scale=None):
     if v.ndim > 2 and v.shape[-3] != num_heads_q:
         v = np.repeat(v, num_heads_q // v.shape[-3], axis=-3)
     if scale is None:
-        scale = 1.0 / np.sqrt(head_dim) if head_dim > 0 else 1.0
+        scale = 1 / np.sqrt(dtype(head_dim)) if head_dim > 0 else 1
+    scale = dtype(scale)
 
     scores = (q * scale) @ np.swapaxes(k, -1, -2)  # [..., L, S]
     visible = np.ones((seqlen_q, seqlen_k), dtype=bool)
@@ -46,13 +51,13 @@ def attention(q, k, v, mask=None, *, causal=False, scale=None):
         if mask.dtype == np.bool_:
             visible = visible & mask
         else:
-            scores = scores + mask.astype(np.float64)
+            scores = scores + mask.astype(dtype)
     scores = np.where(visible, scores, -np.inf)
 
     row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
-    row_max = np.where(np.isneginf(row_max), 0.0, row_max)  # rows with no visible key
+    row_max = np.where(np.isneginf(row_max), 0, row_max)  # rows with no visible key
     weights = np.exp(scores - row_max)
     row_sum = weights.sum(axis=-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        weights = np.where(row_sum == 0, 0.0, weights / row_sum)  # a NaN row stays NaN
+        weights = np.where(row_sum == 0, 0, weights / row_sum)  # a NaN row stays NaN
     return weights @ v

@@ -63,41 +63,9 @@ def bool_mask(rng, shape, hidden=0.3):
 
 
 def attention_in(dtype, q, k, v, mask=None, causal=False, scale=None):
-    """fastattn.reference.attention's math, line for line, but evaluated in `dtype`.
-
-    In float32 this is the naive implementation a kernel's error is compared with; in
-    np.longdouble it is the exact answer a float64 kernel (and the reference) is measured against.
-    """
-    q, k, v = (np.asarray(x).astype(dtype) for x in (q, k, v))
-    num_heads_q, seqlen_q, head_dim = q.shape[-3:] if q.ndim > 2 else (1, *q.shape)
-    seqlen_k = k.shape[-2]
-    if k.ndim > 2 and k.shape[-3] != num_heads_q:
-        k = np.repeat(k, num_heads_q // k.shape[-3], axis=-3)
-    if v.ndim > 2 and v.shape[-3] != num_heads_q:
-        v = np.repeat(v, num_heads_q // v.shape[-3], axis=-3)
-    if scale is None:
-        scale = 1 / np.sqrt(dtype(head_dim)) if head_dim > 0 else dtype(1)
-    scale = dtype(scale)
-
-    scores = (q * scale) @ np.swapaxes(k, -1, -2)
-    visible = np.ones((seqlen_q, seqlen_k), dtype=bool)
-    if causal:
-        visible = np.tril(visible)
-    if mask is not None:
-        mask = np.asarray(mask)
-        if mask.dtype == np.bool_:
-            visible = visible & mask
-        else:
-            scores = scores + mask.astype(dtype)
-    scores = np.where(visible, scores, -np.inf)
-
-    row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
-    row_max = np.where(np.isneginf(row_max), 0, row_max)
-    weights = np.exp(scores - row_max)
-    row_sum = weights.sum(axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        weights = np.where(row_sum == 0, 0, weights / row_sum)
-    return weights @ v
+    """The reference's math evaluated in `dtype`: in float32 the naive implementation a kernel's
+    error is compared with; in np.longdouble the exact answer a float64 kernel is measured against."""
+    return reference.attention(q, k, v, mask, causal=causal, scale=scale, dtype=dtype)
 
 
 def assert_within_naive_error(out, exact, naive):
