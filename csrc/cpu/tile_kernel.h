@@ -55,10 +55,10 @@ struct TileScratch {
 };
 
 // Loads the query tile transposed (gathering down the columns) and pre-scaled; rows past the end are zero.
-template <class V>
+template <class V, int R>
 void pack_query_tile(const MatrixView<const typename V::value_type>& q, int64_t row_begin,
                      int64_t rows, int64_t head_dim, typename V::value_type q_scale, TileScratch<V>& s) {
-  constexpr int R = Tile<V>::kVectors, W = V::size, M = Tile<V>::kBlockM;
+  constexpr int W = V::size, M = Tile<V>::kBlockM;
   const V scale = V::broadcast(q_scale);
   for (int64_t d = 0; d < head_dim; ++d) {
     for (int r = 0; r < R; ++r) {
@@ -70,11 +70,11 @@ void pack_query_tile(const MatrixView<const typename V::value_type>& q, int64_t 
 }
 
 // scores[j][:] = k[key_begin + j] . q_tile for NK consecutive keys, accumulated in registers.
-template <class V, int NK>
+template <class V, int R, int NK>
 void score_keys(const MatrixView<const typename V::value_type>& k, int64_t key_begin,
                 int64_t head_dim, const typename V::value_type* q_tile,
                 typename V::value_type* scores) {
-  constexpr int R = Tile<V>::kVectors, W = V::size, M = Tile<V>::kBlockM;
+  constexpr int W = V::size, M = Tile<V>::kBlockM;
   V acc[NK][R];
   for (int j = 0; j < NK; ++j)
     for (int r = 0; r < R; ++r) acc[j][r] = V::zero();
@@ -91,22 +91,22 @@ void score_keys(const MatrixView<const typename V::value_type>& k, int64_t key_b
 }
 
 // The last keys % kSteps keys of a block, with a micro-step of exactly that many keys.
-template <class V, int NK = Tile<V>::kSteps - 1>
+template <class V, int R, int NK = Tile<V>::kSteps - 1>
 void score_key_tail(int keys, const MatrixView<const typename V::value_type>& k, int64_t key_begin,
                     int64_t head_dim, const typename V::value_type* q_tile, typename V::value_type* scores) {
   if constexpr (NK > 0) {
-    if (keys == NK) return score_keys<V, NK>(k, key_begin, head_dim, q_tile, scores);
-    score_key_tail<V, NK - 1>(keys, k, key_begin, head_dim, q_tile, scores);
+    if (keys == NK) return score_keys<V, R, NK>(k, key_begin, head_dim, q_tile, scores);
+    score_key_tail<V, R, NK - 1>(keys, k, key_begin, head_dim, q_tile, scores);
   }
 }
 
-template <class V>
+template <class V, int R>
 void score_block(const MatrixView<const typename V::value_type>& k, int64_t key_begin, int keys,
                  int64_t head_dim, TileScratch<V>& s) {
   constexpr int KS = Tile<V>::kSteps, M = Tile<V>::kBlockM;
   int j = 0;
-  for (; j + KS <= keys; j += KS) score_keys<V, KS>(k, key_begin + j, head_dim, s.q_tile, s.scores + j * M);
-  score_key_tail<V>(keys - j, k, key_begin + j, head_dim, s.q_tile, s.scores + j * M);
+  for (; j + KS <= keys; j += KS) score_keys<V, R, KS>(k, key_begin + j, head_dim, s.q_tile, s.scores + j * M);
+  score_key_tail<V, R>(keys - j, k, key_begin + j, head_dim, s.q_tile, s.scores + j * M);
 }
 
 // Hides invisible keys (-inf) and adds the float mask, for the rows < rows_valid. Only blocks that
@@ -129,10 +129,10 @@ void mask_block(const HeadViews<typename V::value_type>& h, bool causal, int64_t
 
 // Online softmax over one block, lane by lane: updates m_i and l_i, turns scores into
 // probabilities and rescales acc by alpha = exp(m_old - m_new).
-template <class V>
+template <class V, int R>
 void softmax_block(int keys, int64_t head_dim_v, TileScratch<V>& s) {
   using T = typename V::value_type;
-  constexpr int R = Tile<V>::kVectors, W = V::size, M = Tile<V>::kBlockM;
+  constexpr int W = V::size, M = Tile<V>::kBlockM;
   for (int r = 0; r < R; ++r) {
     const int lane0 = r * W;
     const V m_old = V::load(s.row_max + lane0);
@@ -157,10 +157,10 @@ void softmax_block(int keys, int64_t head_dim_v, TileScratch<V>& s) {
 }
 
 // acc[e][:] += sum_j v[key_begin + j][e] * p[j][:] for NE consecutive output columns.
-template <class V, int NE>
+template <class V, int R, int NE>
 void accumulate_values(const MatrixView<const typename V::value_type>& v, int64_t key_begin,
                        int keys, int64_t col_begin, TileScratch<V>& s) {
-  constexpr int R = Tile<V>::kVectors, W = V::size, M = Tile<V>::kBlockM;
+  constexpr int W = V::size, M = Tile<V>::kBlockM;
   V acc[NE][R];
   for (int c = 0; c < NE; ++c)
     for (int r = 0; r < R; ++r) acc[c][r] = V::load(s.acc + (col_begin + c) * M + r * W);
@@ -176,34 +176,35 @@ void accumulate_values(const MatrixView<const typename V::value_type>& v, int64_
     for (int r = 0; r < R; ++r) acc[c][r].store(s.acc + (col_begin + c) * M + r * W);
 }
 
-template <class V, int NE = Tile<V>::kSteps - 1>
+template <class V, int R, int NE = Tile<V>::kSteps - 1>
 void accumulate_value_tail(int cols, const MatrixView<const typename V::value_type>& v, int64_t key_begin,
                            int keys, int64_t col_begin, TileScratch<V>& s) {
   if constexpr (NE > 0) {
-    if (cols == NE) return accumulate_values<V, NE>(v, key_begin, keys, col_begin, s);
-    accumulate_value_tail<V, NE - 1>(cols, v, key_begin, keys, col_begin, s);
+    if (cols == NE) return accumulate_values<V, R, NE>(v, key_begin, keys, col_begin, s);
+    accumulate_value_tail<V, R, NE - 1>(cols, v, key_begin, keys, col_begin, s);
   }
 }
 
-template <class V>
+template <class V, int R>
 void accumulate_block(const MatrixView<const typename V::value_type>& v, int64_t key_begin,
                       int keys, int64_t head_dim_v, TileScratch<V>& s) {
   constexpr int CS = Tile<V>::kSteps;
   int64_t e = 0;
-  for (; e + CS <= head_dim_v; e += CS) accumulate_values<V, CS>(v, key_begin, keys, e, s);
-  accumulate_value_tail<V>(static_cast<int>(head_dim_v - e), v, key_begin, keys, e, s);
+  for (; e + CS <= head_dim_v; e += CS) accumulate_values<V, R, CS>(v, key_begin, keys, e, s);
+  accumulate_value_tail<V, R>(static_cast<int>(head_dim_v - e), v, key_begin, keys, e, s);
 }
 
-// One query tile of one head against all the keys it can see.
-template <class V, class MaskT>
+// One query tile of one head, R vectors of queries (fewer than kVectors only for the last tile
+// of a head, so a ragged end wastes less than one vector), against all the keys it can see.
+template <class V, class MaskT, int R>
 void attend_tile(const AttentionParams& p, const HeadViews<typename V::value_type>& h,
                  int64_t row_begin, TileScratch<V>& s) {
   using T = typename V::value_type;
   constexpr int M = Tile<V>::kBlockM, N = Tile<V>::kBlockN;
-  const int64_t rows = std::min<int64_t>(M, p.seqlen_q - row_begin);
+  const int64_t rows = std::min<int64_t>(R * V::size, p.seqlen_q - row_begin);
 
-  pack_query_tile<V>(h.q, row_begin, rows, p.head_dim, static_cast<T>(p.scale), s);
-  for (int i = 0; i < M; ++i) {
+  pack_query_tile<V, R>(h.q, row_begin, rows, p.head_dim, static_cast<T>(p.scale), s);
+  for (int i = 0; i < R * V::size; ++i) {
     s.row_max[i] = -std::numeric_limits<T>::infinity();
     s.row_sum[i] = T(0);
   }
@@ -213,18 +214,19 @@ void attend_tile(const AttentionParams& p, const HeadViews<typename V::value_typ
   const int64_t key_end = p.causal ? std::min(p.seqlen_k, row_begin + rows) : p.seqlen_k;
   for (int64_t key_begin = 0; key_begin < key_end; key_begin += N) {
     const int keys = static_cast<int>(std::min<int64_t>(N, key_end - key_begin));
-    score_block<V>(h.k, key_begin, keys, p.head_dim, s);
+    score_block<V, R>(h.k, key_begin, keys, p.head_dim, s);
     // Only blocks with a key past the tile's first row cross the diagonal.
     const bool crosses_diagonal = p.causal && key_begin + keys - 1 > row_begin;
     if (!std::is_void_v<MaskT> || crosses_diagonal)
       mask_block<V, MaskT>(h, crosses_diagonal, row_begin, rows, key_begin, keys, s);
-    softmax_block<V>(keys, p.head_dim_v, s);
-    accumulate_block<V>(h.v, key_begin, keys, p.head_dim_v, s);
+    softmax_block<V, R>(keys, p.head_dim_v, s);
+    accumulate_block<V, R>(h.v, key_begin, keys, p.head_dim_v, s);
   }
 
   // Epilogue: out = acc / l_i, gathering each row back from acc's columns; rows that saw no
   // visible key (l_i = 0) give zeros.
   constexpr int W = V::size;
+  static_assert(R >= 1 && R <= Tile<V>::kVectors);
   for (int64_t r = 0; r < rows; ++r) {
     const V inv_sum = V::broadcast(s.row_sum[r] == T(0) ? T(0) : T(1) / s.row_sum[r]);
     for (int64_t e = 0; e < p.head_dim_v; e += W) {
@@ -239,6 +241,18 @@ void attend_tile(const AttentionParams& p, const HeadViews<typename V::value_typ
         for (int i = 0; i < lanes; ++i) out[i * h.out.col] = buffer[i];
       }
     }
+  }
+}
+
+// The tile starting at row_begin, with as many query vectors as its rows need.
+template <class V, class MaskT>
+void attend_tile(const AttentionParams& p, const HeadViews<typename V::value_type>& h, int64_t row_begin,
+                 TileScratch<V>& s) {
+  static_assert(Tile<V>::kVectors == 3, "one case per vector count below");
+  switch ((std::min<int64_t>(Tile<V>::kBlockM, p.seqlen_q - row_begin) + V::size - 1) / V::size) {
+    case 1: return attend_tile<V, MaskT, 1>(p, h, row_begin, s);
+    case 2: return attend_tile<V, MaskT, 2>(p, h, row_begin, s);
+    default: return attend_tile<V, MaskT, 3>(p, h, row_begin, s);
   }
 }
 
