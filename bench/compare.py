@@ -1,14 +1,25 @@
 """Time fastattn against PyTorch's scaled_dot_product_attention and the NumPy reference.
 
-    python bench/compare.py [--quick] [--threads N] [--repeats N] [--json PATH]
-
 Every implementation is first checked against the float64 reference; one that fails is not
-timed and the script exits with status 1. The implementations then take turns, one sample each
-per repeat after an idle pause, and the table reports the median sample. Progress goes to
-stderr, the table to stdout.
+timed and the script exits with status 1. The implementations then take turns (round robin,
+the order rotating each repeat), one sample each after an idle pause, and the table reports the
+median sample. Between shapes the script also samples the machine's ceilings: a NumPy GEMM of
+2048^3 in the same dtype (sgemm or dgemm) and a streaming read of 256 MB with as many threads
+as fastattn. GFLOP/s count 4*B*Hq*L*S*D (halved for causal with L = S); decode shapes (L = 1)
+also report the K+V bytes read per second. "vs X" is X's time over fastattn's: above 1.00x
+fastattn is faster. The last lines judge the issue's performance targets from this run; they
+inform and do not change the exit status.
+
+Peers: torch (SDPA with the kernel torch picks) and reference (fastattn.reference, float64
+NumPy, timed where its score matrix is affordable). --peers adds torch-math (SDPA pinned to
+its unfused math backend, SDPBackend.MATH) and numpy-naive (softmax(QK^T)V with NumPy matmuls
+in the input dtype).
+
+Progress goes to stderr, the table and the targets to stdout.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -16,29 +27,49 @@ import os
 import platform
 import statistics
 import sys
-import time
+from pathlib import Path
 
 import numpy as np
 
-import fastattn
-import harness
+# An editable install rebuilds fastattn on import and says so on stdout, where it would end up
+# in the output of `--markdown -`.
+with contextlib.redirect_stdout(sys.stderr):
+    import fastattn
+    import harness
+
+import ceilings
+import report
+import targets
 from harness import Case
 
 CASES = [
     Case(1, 8, 8, 512, 512, 64),
     Case(1, 8, 8, 512, 512, 64, causal=True),
     Case(1, 8, 8, 2048, 2048, 64),
+    Case(1, 8, 8, 2048, 2048, 64, causal=True),
     Case(1, 16, 16, 1024, 1024, 128),
-    Case(32, 12, 12, 128, 128, 64),  # BERT-base
-    Case(1, 8, 2, 1024, 1024, 64),  # grouped-query attention
-    Case(1, 32, 32, 1, 4096, 128),  # decoding one token
-    Case(2, 6, 6, 197, 197, 80),  # ViT: a key tail past 3 x 64, head_dim not a power of two
+    Case(1, 16, 16, 1024, 1024, 128, causal=True),
+    Case(4, 8, 8, 1024, 1024, 64),
+    Case(32, 12, 12, 128, 128, 64, label="BERT-base"),
+    Case(64, 12, 12, 197, 197, 64, label="ViT-B/16"),
+    Case(1, 32, 32, 1, 8192, 128, label="decode"),
+    Case(8, 8, 8, 1, 8192, 64, label="decode"),
+    Case(1, 32, 8, 1024, 1024, 128, label="GQA"),
+    Case(4, 32, 8, 1, 4096, 128, label="decode GQA"),
+    # a key tail past 3 x 64, odd head counts, head_dim not a power of two
+    Case(2, 6, 6, 197, 197, 80, label="odd sizes"),
+    Case(1, 5, 5, 1000, 1000, 72, causal=True, label="odd sizes"),
 ]
-QUICK_CASES = [CASES[i] for i in (0, 1, 5, 6, 7)]
+# N=512 both ways, BERT, both decode kinds, an odd size: one of each target in about a minute
+QUICK_CASES = [CASES[i] for i in (0, 1, 7, 9, 12, 13)]
 
-# A call shorter than this is repeated inside one sample, so timer resolution and thread
-# wake-up do not dominate the measurement.
-MIN_SAMPLE_SECONDS = 0.02
+BENCH_DIR = Path(__file__).resolve().parent
+ENVIRONMENT_VARIABLES = ("OPENBLAS_", "OMP_", "GOMP_", "KMP_", "MKL_", "FASTATTN_")
+# Ceiling samples further apart than this mean other work shared the machine during the run.
+NOISY_SPREAD = 1.25
+# Either one makes current NumPy's OpenBLAS run a slower sgemm (a kernel or blocking meant for
+# another CPU); the script records them but leaves them alone.
+SLOWING_OPENBLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
 def log(message):
@@ -58,150 +89,207 @@ def check(case, runners, q, k, v):
     return errors
 
 
-def calls_per_sample(run):
-    """Warm up, then count the calls that make one sample last MIN_SAMPLE_SECONDS."""
-    harness.wait_for_idle_threads()
-    run()  # warm-up: first-touch allocations, thread pool start, lazy dispatch
-    start = time.perf_counter()
-    run()
-    return max(1, math.ceil(MIN_SAMPLE_SECONDS / (time.perf_counter() - start)))
-
-
-def time_round_robin(runners, repeats):
-    """Seconds per call, one sample of every implementation per repeat, so that drift (clock
-    speed, heat, other load) affects them all alike."""
-    calls = {name: calls_per_sample(run) for name, run in runners.items()}
-    samples = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            harness.wait_for_idle_threads()
-            start = time.perf_counter()
-            for _ in range(calls[name]):
-                run()
-            samples[name].append((time.perf_counter() - start) / calls[name])
-    return samples
-
-
-def run_case(case, repeats):
-    q, k, v = harness.make_inputs(case)
-    runners = harness.runners(case, q, k, v)
+def run_case(case, args):
+    q, k, v = harness.make_inputs(case, dtype=args.dtype)
+    runners = harness.runners(case, q, k, v, extra_peers=args.peers)
     if not case.reference_affordable:
         del runners["reference"]
     errors = check(case, runners, q, k, v)
+    tolerance = harness.tolerance(args.dtype)
     for name, error in errors.items():
-        log(f"  {name:9} max |error| {error:.1e} {'ok' if error <= harness.TOLERANCE else 'FAIL'}")
-    passed = {name: run for name, run in runners.items() if errors[name] <= harness.TOLERANCE}
-    log(f"  timing {', '.join(passed)}: {repeats} repeats")
-    samples = time_round_robin(passed, repeats)
+        log(f"  {name:11} max |error| {error:.1e} {'ok' if error <= tolerance else 'FAIL'}")
+    passed = {name: run for name, run in runners.items() if errors[name] <= tolerance}
+    log(f"  timing {', '.join(passed)}: {args.repeats} repeats")
+    samples = harness.time_round_robin(passed, args.repeats)
     results = {}
     for name in runners:
         ms = [1e3 * s for s in samples.get(name, [])]
         if ms:  # a wide spread means other load on the machine
-            log(f"  {name:9} median {statistics.median(ms):.3f} ms, min {min(ms):.3f}, max {max(ms):.3f}")
+            log(f"  {name:11} median {statistics.median(ms):.3f} ms, "
+                f"min {min(ms):.3f}, max {max(ms):.3f}")
         results[name] = {
             "ok": name in passed,
             "max_error": errors[name],
             "median_ms": statistics.median(ms) if ms else None,
             "samples_ms": ms,
         }
-    return {"case": dataclasses.asdict(case), "flops": case.flops, "results": results}
+    record = {"case": dataclasses.asdict(case), "flops": case.flops,
+              "kv_bytes": case.kv_bytes(q.itemsize), "results": results}
+    add_rates(record, case)
+    return record
 
 
-def format_row(record):
-    case = Case(**record["case"])
-    results = record["results"]  # implementations that ran: not torch when absent
-    median_ms = {name: r["median_ms"] for name, r in results.items() if r["ok"]}
-
-    def time_cell(name):
-        if name not in results:
-            return "-"
-        return f"{median_ms[name]:.3f}" if name in median_ms else "FAIL"
-
-    def gflops_cell(name):
-        return f"{record['flops'] / median_ms[name] / 1e6:.1f}" if name in median_ms else "-"
-
-    def speedup_cell(peer):
-        if peer in median_ms and "fastattn" in median_ms:
-            return f"{median_ms[peer] / median_ms['fastattn']:.2f}x"
-        return "-"
-
-    return [
-        case.shape, "yes" if case.causal else "no",
-        time_cell("fastattn"), gflops_cell("fastattn"),
-        time_cell("torch"), gflops_cell("torch"), speedup_cell("torch"),
-        time_cell("reference"), speedup_cell("reference"),
-    ]
+def add_rates(record, case):
+    """GFLOP/s of every timed implementation, K+V GB/s for decode shapes, fastattn's speedups."""
+    timed = {name: r["median_ms"] for name, r in record["results"].items() if r["median_ms"]}
+    for name, ms in timed.items():
+        result = record["results"][name]
+        result["gflops"] = record["flops"] / ms / 1e6
+        result["kv_gbps"] = record["kv_bytes"] / ms / 1e6 if case.is_decode else None
+    fastattn_ms = timed.get("fastattn")
+    record["speedup"] = {name: ms / fastattn_ms for name, ms in timed.items()
+                         if fastattn_ms and name != "fastattn"}
 
 
-HEADER = [
-    "shape B,Hq,Hk,L,S,D", "causal", "fastattn ms", "GFLOP/s", "torch ms", "torch GFLOP/s",
-    "speedup vs torch", "reference ms", "speedup vs reference",
-]
-
-
-def print_table(records):
-    rows = [HEADER] + [format_row(record) for record in records]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
-    for row in rows:
-        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
-        cells += [text.rjust(width) for text, width in zip(row[2:], widths[2:])]
-        print("  ".join(cells).rstrip())
+def add_percent_of_ceilings(record, machine):
+    """fastattn against the run's GEMM (compute-bound shapes) or streaming read (decode)."""
+    fastattn_result = record["results"]["fastattn"]
+    record["percent_of_gemm"] = record["percent_of_read"] = None
+    if fastattn_result["median_ms"] is None:
+        return
+    if Case(**record["case"]).is_decode:
+        record["percent_of_read"] = 100 * fastattn_result["kv_gbps"] / machine["read"]["gbps"]
+    else:
+        record["percent_of_gemm"] = 100 * fastattn_result["gflops"] / machine["gemm"]["gflops"]
 
 
 def environment(args):
     return {
+        "dtype": args.dtype,
         "threads": args.threads,
         "repeats": args.repeats,
+        "quick": args.quick,
         "fastattn": getattr(fastattn, "__version__", "unknown"),
+        "fastattn isa": fastattn.cpu_info()["isa"],
         "numpy": np.__version__,
         "torch": harness.torch.__version__ if harness.torch is not None else None,
         "python": platform.python_version(),
         "cpu": cpu_name(),
+        "openblas": ceilings.openblas_info(),  # its kernel and threads decide the sgemm figure
+        "environment variables": {name: value for name, value in sorted(os.environ.items())
+                                  if name.startswith(ENVIRONMENT_VARIABLES)},
         # the timings mean little if something else is running
-        "load average": " ".join(f"{load:.2f}" for load in os.getloadavg()),
+        "load average": load_average(),
     }
+
+
+def load_average():
+    return " ".join(f"{load:.2f}" for load in os.getloadavg())
 
 
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as file:
-            names = [line.split(":", 1)[1].strip() for line in file if line.startswith("model name")]
+            names = [line.split(":", 1)[1].strip()
+                     for line in file if line.startswith("model name")]
         return names[0]
     except (OSError, IndexError):
         return platform.processor() or platform.machine()
 
 
+def warn_about(env, blas_threads_set):
+    for name in SLOWING_OPENBLAS_VARIABLES:
+        if name in env["environment variables"]:
+            log(f"warning: {name} is set: NumPy's {ceilings.gemm_name(env['dtype'])} may run a "
+                f"slower kernel, which flatters the percentages of it")
+    if not blas_threads_set:
+        log("warning: NumPy's BLAS is not OpenBLAS: its GEMM ran with its own thread count")
+    if os.getloadavg()[0] > 0.5:
+        log(f"warning: load average {env['load average']}: other processes are running, "
+            f"the timings will be noisy")
+
+
+def warn_about_spread(machine):
+    for ceiling in machine.values():
+        fastest, slowest = min(ceiling["samples_ms"]), max(ceiling["samples_ms"])
+        if slowest > NOISY_SPREAD * fastest:
+            log(f"warning: the {ceiling['name']} samples took {fastest:.1f} to "
+                f"{slowest:.1f} ms: the machine was busy, so the percentages of it are rough")
+
+
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="about a minute: 6 shapes instead of 15, 5 repeats instead of 15")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="inputs for every implementation (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=fastattn.get_num_threads(),
-                        help="threads for fastattn and torch (default: %(default)s)")
+                        help="threads for fastattn, torch, NumPy's BLAS and the streaming read "
+                        "(default: %(default)s)")
     parser.add_argument("--repeats", type=int, help="timed samples per implementation "
                         "(default: 15, or 5 with --quick)")
-    parser.add_argument("--json", metavar="PATH", help="also write all samples to this file")
+    parser.add_argument("--peers", action="store_true",
+                        help="also time torch-math and numpy-naive (see above)")
+    parser.add_argument("--json", metavar="PATH", default=str(BENCH_DIR / "results.json"),
+                        help="write every sample, the ceilings and the environment here "
+                        "(default: bench/results.json; '' for none)")
+    parser.add_argument("--png", metavar="PATH", default=str(BENCH_DIR / "results.png"),
+                        help="draw fastattn's speedup over torch per shape here "
+                        "(default: bench/results.png; '' for none)")
+    parser.add_argument("--markdown", metavar="PATH",
+                        help="write the table and targets as Markdown to PATH, or with '-' to "
+                        "stdout instead of the plain table (which then goes to stderr)")
     args = parser.parse_args()
     if args.repeats is None:
         args.repeats = 5 if args.quick else 15
     return args
 
 
+def measure(cases, args):
+    """The records of every case and the ceilings measured between them."""
+    with ceilings.read_pool(args.threads) as pool:
+        log("ceilings: warming up")
+        machine = ceilings.Ceilings(args.dtype, args.threads, pool)
+        machine.sample()
+        log(f"  {machine.latest()}")
+        records = []
+        for index, case in enumerate(cases, 1):
+            log(f"[{index}/{len(cases)}] {case.id} {case.label}".rstrip())
+            records.append(run_case(case, args))
+            machine.sample()
+            log(f"  {machine.latest()}")
+    return records, machine.summary()
+
+
+def write_outputs(args, env, records, machine, verdicts):
+    title = report.title(env, machine)
+    text = report.text_table(records, machine) + "\n\n" + report.text_targets(machine, verdicts)
+    markdown = report.markdown(title, records, machine, verdicts)
+    if args.markdown == "-":
+        log(text)
+        print(markdown)
+    else:
+        print(text)
+        if args.markdown:
+            Path(args.markdown).write_text(markdown + "\n")
+            log(f"wrote {args.markdown}")
+    if args.json:
+        results = {"environment": env, "ceilings": machine, "records": records,
+                   "targets": [dataclasses.asdict(verdict) for verdict in verdicts]}
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        log(f"wrote {args.json}")
+    if args.png:
+        write_chart(args.png, title, records)
+
+
+def write_chart(path, title, records):
+    try:
+        if report.write_chart(path, title, records):
+            log(f"wrote {path}")
+    except ImportError:
+        log("no chart: matplotlib is not installed (pip install matplotlib)")
+
+
 def main():
     args = parse_args()
     harness.set_num_threads(args.threads)
+    blas_threads_set = ceilings.set_blas_threads(args.threads)
     env = environment(args)
     log(", ".join(f"{key} {value}" for key, value in env.items()))
-    cases = QUICK_CASES if args.quick else CASES
-    records = []
-    for index, case in enumerate(cases, 1):
-        log(f"[{index}/{len(cases)}] {case.id}")
-        records.append(run_case(case, args.repeats))
-    print_table(records)
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"environment": env, "records": records}, file, indent=1)
+    warn_about(env, blas_threads_set)
+
+    records, machine = measure(QUICK_CASES if args.quick else CASES, args)
+    for record in records:
+        add_percent_of_ceilings(record, machine)
+    env["load average at the end"] = load_average()
+    warn_about_spread(machine)
+    verdicts = targets.judge(records, machine, args.dtype)
+    write_outputs(args, env, records, machine, verdicts)
+
     failed = [r["case"] for r in records if not all(x["ok"] for x in r["results"].values())]
     if failed:
-        print(f"FAIL: {len(failed)} shape(s) gave wrong results, see stderr", file=sys.stderr)
+        log(f"FAIL: {len(failed)} shape(s) gave wrong results, see above")
     return 1 if failed else 0
 
 

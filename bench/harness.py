@@ -1,7 +1,9 @@
-"""What compare.py and test_bench.py share: the shape of a case, its inputs, the implementations
-being compared, and the check of their results against the float64 reference."""
+"""What the benchmarks share: the shape of a case, its inputs, the implementations being
+compared, the check of their results against the float64 reference, and the timing loop."""
 
+import contextlib
 import dataclasses
+import math
 import time
 
 import numpy as np
@@ -12,13 +14,15 @@ from fastattn import reference
 try:
     import torch
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 except ImportError:
     torch = None
 
 # Inputs are N(0, 1), so outputs are O(1) weighted averages of v. PyTorch's float32 SDPA stays
 # within 1.2e-6 of the reference on every shape used here, while one dropped key among 4096 or
-# a scale 1% off moves some output by more than 1e-3.
-TOLERANCE = 1e-4
+# a scale 1% off moves some output by more than 1e-3. In float64 every implementation stays
+# within about 1e-14, while a float32 step anywhere on the way costs about 1e-7.
+TOLERANCES = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
 
 # The reference materialises float64 scores: beyond this many (B * Hq * L * S) it is not timed
 # and checks only an evenly spaced sample of query rows.
@@ -28,6 +32,13 @@ REFERENCE_MAX_SCORES = 3e7
 # ran 2.5x slower right after a NumPy matmul) and OpenMP threads for a few ms; an implementation
 # timed meanwhile would share the cores with them.
 IDLE_SECONDS = 0.25
+
+# A call shorter than this is repeated inside one sample, so timer resolution and thread
+# wake-up do not dominate the measurement.
+MIN_SAMPLE_SECONDS = 0.02
+
+PEERS = ["torch", "reference"]
+EXTRA_PEERS = ["torch-math", "numpy-naive"]  # compare.py --peers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +50,7 @@ class Case:
     seqlen_k: int
     head_dim: int
     causal: bool = False
+    label: str = dataclasses.field(default="", compare=False)  # "BERT-base", "decode", ...
 
     @property
     def shape(self):
@@ -53,6 +65,14 @@ class Case:
         """QK^T and PV, 2*L*S*D each per head; causal with L == S needs half of the scores."""
         flops = 4 * self.batch * self.heads_q * self.seqlen_q * self.seqlen_k * self.head_dim
         return flops // 2 if self.causal and self.seqlen_q == self.seqlen_k else flops
+
+    @property
+    def is_decode(self):
+        """One query row per head: reading K and V bounds the time, not arithmetic."""
+        return self.seqlen_q == 1
+
+    def kv_bytes(self, itemsize):
+        return 2 * self.batch * self.heads_kv * self.seqlen_k * self.head_dim * itemsize
 
     @property
     def num_scores(self):
@@ -81,8 +101,43 @@ def wait_for_idle_threads():
     time.sleep(IDLE_SECONDS)
 
 
-def runners(case, q, k, v):
-    """A zero-argument callable per available implementation, each returning a NumPy array."""
+def calls_per_sample(run):
+    """Warm up, then count the calls that make one sample last MIN_SAMPLE_SECONDS."""
+    wait_for_idle_threads()
+    run()  # warm-up: first-touch allocations, thread pool start, lazy dispatch
+    start = time.perf_counter()
+    run()
+    return max(1, math.ceil(MIN_SAMPLE_SECONDS / (time.perf_counter() - start)))
+
+
+def take_sample(run, calls):
+    """Seconds per call over `calls` calls, after the previous work's threads went idle."""
+    wait_for_idle_threads()
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    return (time.perf_counter() - start) / calls
+
+
+def time_round_robin(runners, repeats):
+    """Seconds per call, one sample of every implementation per repeat, so that drift (clock
+    speed, heat, other load) affects them all alike. The order rotates so that no implementation
+    always finds the caches as the same predecessor left them."""
+    calls = {name: calls_per_sample(run) for name, run in runners.items()}
+    samples = {name: [] for name in runners}
+    names = list(runners)
+    if not names:  # every implementation failed its check
+        return samples
+    for repeat in range(repeats):
+        turn = repeat % len(names)
+        for name in names[turn:] + names[:turn]:
+            samples[name].append(take_sample(runners[name], calls[name]))
+    return samples
+
+
+def runners(case, q, k, v, extra_peers=False):
+    """A zero-argument callable per available implementation, each returning a NumPy array:
+    fastattn and PEERS, plus EXTRA_PEERS if asked for."""
     found = {
         "fastattn": lambda: fastattn.attention(q, k, v, causal=case.causal),
         # answers in the input's dtype like the others; the cast is small next to the scores
@@ -90,18 +145,48 @@ def runners(case, q, k, v):
     }
     if torch is not None:
         found["torch"] = torch_runner(case, q, k, v)
+        if extra_peers:
+            found["torch-math"] = torch_runner(case, q, k, v, backend=SDPBackend.MATH)
+    if extra_peers:
+        found["numpy-naive"] = numpy_naive_runner(case, q, k, v)
     return found
 
 
-def torch_runner(case, q, k, v):
+def torch_runner(case, q, k, v, backend=None):
+    """torch SDPA on the same memory; `backend` pins one of its kernels, else torch chooses."""
     q_t, k_t, v_t = (torch.from_numpy(x) for x in (q, k, v))  # shares memory, no copy
 
     def run():
-        with torch.inference_mode():
+        pinned = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
+        with torch.inference_mode(), pinned:
             out = F.scaled_dot_product_attention(
                 q_t, k_t, v_t, is_causal=case.causal, enable_gqa=case.heads_q != case.heads_kv
             )
         return out.numpy()
+
+    return run
+
+
+def numpy_naive_runner(case, q, k, v):
+    """softmax(Q K^T * scale) V in NumPy matmuls and the input's dtype: what a NumPy user writes."""
+    groups = case.heads_q // case.heads_kv
+    # [B, Hk, groups, L, D] against [B, Hk, 1, D, S]: query heads share their K/V head, no copy
+    q_grouped = q.reshape(case.batch, case.heads_kv, groups, case.seqlen_q, case.head_dim)
+    k_transposed = k[:, :, None].swapaxes(-1, -2)
+    v_grouped = v[:, :, None]
+    scale = q.dtype.type(1 / math.sqrt(case.head_dim))
+    hidden = np.triu(np.ones((case.seqlen_q, case.seqlen_k), dtype=bool), k=1)
+    causal_bias = np.where(hidden, -np.inf, 0).astype(q.dtype) if case.causal else None
+
+    def run():
+        scores = q_grouped @ k_transposed
+        scores *= scale
+        if causal_bias is not None:
+            scores += causal_bias
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        return (scores @ v_grouped).reshape(q.shape[:-1] + v.shape[-1:])
 
     return run
 
@@ -123,3 +208,7 @@ def max_error(output, q, rows, expected):
     if output.shape != q.shape or output.dtype != q.dtype:
         return np.inf
     return float(np.abs(output[..., rows, :] - expected).max())
+
+
+def tolerance(dtype):
+    return TOLERANCES[np.dtype(dtype)]

@@ -1,0 +1,86 @@
+"""The issue's performance targets, judged from one run of compare.py against the peers and the
+ceilings measured in that same run. They inform; they never change the exit status."""
+
+import dataclasses
+import math
+
+from harness import Case
+
+GEOMEAN_SPEEDUP = 1.3  # over torch, across every shape
+MIN_SPEEDUP = 1.0  # over torch, on each shape
+PERCENT_OF_GEMM = 90  # non-causal L = S >= 512
+CAUSAL_512_SPEEDUP = 3.0  # torch computes the diagonal block at full width, so this is reachable
+MODEL_SPEEDUP = 1.3  # the BERT and ViT shapes
+PERCENT_OF_READ = 85  # decode
+
+
+@dataclasses.dataclass
+class Verdict:
+    status: str  # PASS, MISS, or n/a when the run timed no shape the target is about
+    goal: str
+    detail: str
+
+
+def judge(records, machine, dtype):
+    """One Verdict per target; in float64 the only target is beating torch on every shape."""
+    speedups = [(r["speedup"]["torch"], r) for r in records if "torch" in r["speedup"]]
+    if dtype == "float64":
+        goal = "faster than torch float64 on every shape"
+        return [lowest(goal, speedups, MIN_SPEEDUP, "{:.2f}x")]
+
+    gemm = f"{machine['gemm']['name']} ({machine['gemm']['gflops']:.0f} GFLOP/s)"
+    read = f"the streaming read ({machine['read']['gbps']:.1f} GB/s)"
+    large_square = [(r["percent_of_gemm"], r) for r in records
+                    if r["percent_of_gemm"] is not None and is_large_square(r)]
+    decode = [(r["percent_of_read"], r) for r in records if r["percent_of_read"] is not None]
+    return [
+        geometric_mean(speedups),
+        lowest(f"no shape below {MIN_SPEEDUP:.1f}x torch", speedups, MIN_SPEEDUP, "{:.2f}x"),
+        lowest(f"non-causal L=S>=512 at >= {PERCENT_OF_GEMM}% of {gemm}", large_square,
+               PERCENT_OF_GEMM, "{:.0f}%"),
+        lowest(f"causal N=512 >= {CAUSAL_512_SPEEDUP:.0f}x torch",
+               [(s, r) for s, r in speedups if is_causal_512(r)], CAUSAL_512_SPEEDUP, "{:.2f}x"),
+        lowest(f"BERT/ViT >= {MODEL_SPEEDUP}x torch",
+               [(s, r) for s, r in speedups if is_bert_or_vit(r)], MODEL_SPEEDUP, "{:.2f}x"),
+        lowest(f"decode >= {PERCENT_OF_READ}% of {read}", decode, PERCENT_OF_READ, "{:.0f}%"),
+    ]
+
+
+def geometric_mean(speedups):
+    goal = f"geometric-mean speedup over torch >= {GEOMEAN_SPEEDUP}x"
+    if not speedups:
+        return Verdict("n/a", goal, "torch not timed")
+    mean = math.exp(sum(math.log(s) for s, _ in speedups) / len(speedups))
+    status = "PASS" if mean >= GEOMEAN_SPEEDUP else "MISS"
+    return Verdict(status, goal, f"{mean:.2f}x over {len(speedups)} shapes")
+
+
+def lowest(goal, values, threshold, value_format):
+    """PASS when the lowest of the (value, record) pairs reaches the threshold; names its shape."""
+    if not values:
+        return Verdict("n/a", goal, "no such shape timed")
+    value, record = min(values, key=lambda pair: pair[0])
+    status = "PASS" if value >= threshold else "MISS"
+    detail = f"lowest {value_format.format(value)} at {describe(record)}"
+    if len(values) > 1:
+        detail += f" (of {len(values)} shapes)"
+    return Verdict(status, goal, detail)
+
+
+def describe(record):
+    case = Case(**record["case"])
+    return case.shape + (" causal" if case.causal else "")
+
+
+def is_large_square(record):
+    case = Case(**record["case"])
+    return not case.causal and case.seqlen_q == case.seqlen_k >= 512
+
+
+def is_causal_512(record):
+    case = Case(**record["case"])
+    return case.causal and case.seqlen_q == case.seqlen_k == 512
+
+
+def is_bert_or_vit(record):
+    return record["case"]["label"].startswith(("BERT", "ViT"))
