@@ -75,26 +75,56 @@ struct DecodeScratch {
   bool ok() const { return memory.data() != nullptr; }
 };
 
-// q_r . k_j over head_dim, both contiguous.
-template <class V>
-typename V::value_type dot(const typename V::value_type* q, const typename V::value_type* k, int64_t head_dim) {
+// scores[j] = q . k[key + j] for NK consecutive keys: NK independent dot products in flight, each
+// reduced across lanes at the end. q is zero-padded to whole vectors; k rows are read exactly.
+template <class V, int NK>
+void score_keys_decode(const typename V::value_type* q, const MatrixView<const typename V::value_type>& k,
+                       int64_t key, int64_t head_dim, typename V::value_type* scores) {
   constexpr int W = V::size;
-  V sum = V::zero();
+  V sum[NK];
+  for (int j = 0; j < NK; ++j) sum[j] = V::zero();
   int64_t d = 0;
-  for (; d + W <= head_dim; d += W) sum = fmadd(V::load(q + d), V::load(k + d), sum);
-  if (d < head_dim) sum = fmadd(V::load(q + d), V::load_partial(k + d, static_cast<int>(head_dim - d)), sum);
-  return reduce_add(sum);
+  for (; d + W <= head_dim; d += W) {
+    const V q_part = V::load(q + d);
+    for (int j = 0; j < NK; ++j) sum[j] = fmadd(q_part, V::load(&k(key + j, d)), sum[j]);
+  }
+  if (d < head_dim) {
+    const V q_part = V::load(q + d);
+    for (int j = 0; j < NK; ++j)
+      sum[j] = fmadd(q_part, V::load_partial(&k(key + j, d), static_cast<int>(head_dim - d)), sum[j]);
+  }
+  for (int j = 0; j < NK; ++j) scores[j] = reduce_add(sum[j]);
 }
 
-// Decode streams K and V from memory once; asking for the rows a few chunks ahead keeps enough
-// loads in flight to approach the memory bandwidth (the hardware prefetcher alone reached a
-// fraction of it here).
-inline constexpr int64_t kPrefetchDistance = 2;  // chunks
+// acc[e0 .. e0 + NV * W) = alpha * acc + sum_j p_j v[key + j][e], with NV accumulators in registers;
+// the last vector holds last_cols columns.
+template <class V, int NV>
+void accumulate_values_decode(const MatrixView<const typename V::value_type>& v, int64_t key, int keys,
+                              const typename V::value_type* probs, typename V::value_type alpha, int64_t e0,
+                              int last_cols, typename V::value_type* acc) {
+  constexpr int W = V::size;
+  V sum[NV];
+  for (int c = 0; c < NV; ++c) sum[c] = V::load(acc + e0 + c * W) * V::broadcast(alpha);
+  for (int j = 0; j < keys; ++j) {
+    const V p = V::broadcast(probs[j]);
+    const typename V::value_type* row = &v(key + j, e0);
+    for (int c = 0; c < NV - 1; ++c) sum[c] = fmadd(p, V::load(row + c * W), sum[c]);
+    const V last = last_cols == W ? V::load(row + (NV - 1) * W) : V::load_partial(row + (NV - 1) * W, last_cols);
+    sum[NV - 1] = fmadd(p, last, sum[NV - 1]);
+  }
+  for (int c = 0; c < NV; ++c) sum[c].store(acc + e0 + c * W);
+}
 
-template <class T>
-void prefetch_rows(const MatrixView<const T>& m, int64_t first, int64_t end, int64_t cols) {
-  for (int64_t i = first; i < end; ++i)
-    for (int64_t c = 0; c < cols; c += 64 / sizeof(T)) __builtin_prefetch(&m(i, c));
+inline constexpr int kDecodeValueVectors = 8;  // accumulators per pass over a chunk's value rows
+
+template <class V, int NV = kDecodeValueVectors>
+void accumulate_values_decode_tail(int vectors, const MatrixView<const typename V::value_type>& v, int64_t key,
+                                   int keys, const typename V::value_type* probs, typename V::value_type alpha,
+                                   int64_t e0, int last_cols, typename V::value_type* acc) {
+  if constexpr (NV > 0) {
+    if (vectors == NV) return accumulate_values_decode<V, NV>(v, key, keys, probs, alpha, e0, last_cols, acc);
+    accumulate_values_decode_tail<V, NV - 1>(vectors, v, key, keys, probs, alpha, e0, last_cols, acc);
+  }
 }
 
 // One split of one group: keys [key_begin, key_end) against all rows; leaves each row's m, l and
@@ -123,19 +153,18 @@ void decode_split(const AttentionParams& p, const HeadViews<typename V::value_ty
 
   for (int64_t chunk = key_begin; chunk < key_end; chunk += W) {
     const int keys = static_cast<int>(std::min<int64_t>(W, key_end - chunk));
-    const int64_t ahead = chunk + kPrefetchDistance * W, ahead_end = std::min(ahead + W, key_end);
-    prefetch_rows(k, ahead, ahead_end, E);
-    prefetch_rows(v, ahead, ahead_end, Ev);
     for (int64_t r = 0; r < shape.rows; ++r) {
       const HeadViews<T>& h = heads[r / L];
       const int64_t query = r % L;
       RowState<T> state{states + r * (2 + Ev)};
-      for (int j = 0; j < W; ++j) {
+      const T* q_row = s.q + r * s.q_stride;
+      int j = 0;
+      for (; j + 4 <= keys; j += 4) score_keys_decode<V, 4>(q_row, k, chunk + j, E, s.scores + j);
+      for (; j < keys; ++j) score_keys_decode<V, 1>(q_row, k, chunk + j, E, s.scores + j);
+      for (j = 0; j < W; ++j) {
         const int64_t key = chunk + j;
-        T score = neg_inf;
-        if (j < keys && !(p.causal && key > query))
-          score = apply_mask<MaskT>(dot<V>(s.q + r * s.q_stride, &k(key, 0), E), h, query, key);
-        s.scores[j] = score;
+        const bool visible = j < keys && !(p.causal && key > query);
+        s.scores[j] = visible ? apply_mask<MaskT>(s.scores[j], h, query, key) : neg_inf;
       }
       // Online softmax across the chunk's lanes; a row with no visible key yet subtracts 0.
       const V scores = V::load(s.scores);
@@ -148,15 +177,13 @@ void decode_split(const AttentionParams& p, const HeadViews<typename V::value_ty
       state.m() = m_new;
       state.l() = state.l() * alpha + reduce_add(probs);
 
-      T* acc = s.acc + r * s.acc_stride;
-      for (int64_t e = 0; e < Ev; e += W) {
-        const int cols = static_cast<int>(std::min<int64_t>(W, Ev - e));
-        V a = V::load(acc + e) * V::broadcast(alpha);
-        for (int j = 0; j < keys; ++j) {
-          const V value = cols == W ? V::load(&v(chunk + j, e)) : V::load_partial(&v(chunk + j, e), cols);
-          a = fmadd(V::broadcast(s.scores[j]), value, a);
-        }
-        a.store(acc + e);
+      constexpr int64_t kPassCols = kDecodeValueVectors * W;
+      for (int64_t e0 = 0; e0 < Ev; e0 += kPassCols) {
+        const int64_t cols = std::min(kPassCols, Ev - e0);
+        const int vectors = static_cast<int>((cols + W - 1) / W);
+        const int last_cols = static_cast<int>(cols - (vectors - 1) * W);
+        accumulate_values_decode_tail<V>(vectors, v, chunk, keys, s.scores, alpha, e0, last_cols,
+                                         s.acc + r * s.acc_stride);
       }
     }
   }

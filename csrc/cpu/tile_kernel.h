@@ -42,30 +42,35 @@ struct TileScratch {
   T* acc;      // [head_dim_v][BLOCK_M], unnormalised output, transposed
   T* row_max;  // [BLOCK_M], m_i
   T* row_sum;  // [BLOCK_M], l_i
+  T* lane_index;  // [BLOCK_M], 0, 1, 2, ...
 
   // Every piece is a multiple of BLOCK_M elements, hence of the vector width: all stay aligned.
   TileScratch(int64_t head_dim, int64_t head_dim_v)
-      : memory((head_dim + Tile<V>::kBlockN + head_dim_v + 2) * M),
+      : memory((head_dim + Tile<V>::kBlockN + head_dim_v + 3) * M),
         q_tile(memory.data()),
         scores(q_tile + head_dim * M),
         acc(scores + Tile<V>::kBlockN * M),
         row_max(acc + head_dim_v * M),
-        row_sum(row_max + M) {}
+        row_sum(row_max + M),
+        lane_index(row_sum + M) {
+    if (ok())
+      for (int i = 0; i < M; ++i) lane_index[i] = static_cast<T>(i);
+  }
   bool ok() const { return memory.data() != nullptr; }
 };
 
-// Loads the query tile transposed (gathering down the columns) and pre-scaled; rows past the end are zero.
+// Loads the query tile transposed and pre-scaled; rows past the end are zero. Element by element:
+// vector gathers were slower here (Zen 4 microcodes them), and so were lane-by-lane vectors built
+// in memory (store forwarding fails).
 template <class V, int R>
 void pack_query_tile(const MatrixView<const typename V::value_type>& q, int64_t row_begin,
                      int64_t rows, int64_t head_dim, typename V::value_type q_scale, TileScratch<V>& s) {
-  constexpr int W = V::size, M = Tile<V>::kBlockM;
-  const V scale = V::broadcast(q_scale);
+  using T = typename V::value_type;
+  constexpr int M = Tile<V>::kBlockM;
   for (int64_t d = 0; d < head_dim; ++d) {
-    for (int r = 0; r < R; ++r) {
-      const int lanes = static_cast<int>(std::clamp<int64_t>(rows - r * W, 0, W));
-      const V column = lanes > 0 ? V::gather_partial(&q(row_begin + r * W, d), q.row, lanes) : V::zero();
-      (column * scale).store(s.q_tile + d * M + r * W);
-    }
+    T* column = s.q_tile + d * M;
+    for (int64_t r = 0; r < rows; ++r) column[r] = q(row_begin + r, d) * q_scale;
+    for (int64_t r = rows; r < R * V::size; ++r) column[r] = T(0);
   }
 }
 
@@ -109,20 +114,29 @@ void score_block(const MatrixView<const typename V::value_type>& k, int64_t key_
   score_key_tail<V, R>(keys - j, k, key_begin + j, head_dim, s.q_tile, s.scores + j * M);
 }
 
-// Hides invisible keys (-inf) and adds the float mask, for the rows < rows_valid. Only blocks that
-// cross the causal diagonal or have a mask come here.
+// Applies the caller's mask to the rows < rows_valid: -inf where hidden, plus a float mask.
 template <class V, class MaskT>
-void mask_block(const HeadViews<typename V::value_type>& h, bool causal, int64_t row_begin,
-                int64_t rows_valid, int64_t key_begin, int keys, TileScratch<V>& s) {
+void mask_block(const HeadViews<typename V::value_type>& h, int64_t row_begin, int64_t rows_valid,
+                int64_t key_begin, int keys, TileScratch<V>& s) {
   using T = typename V::value_type;
   constexpr int M = Tile<V>::kBlockM;
   for (int j = 0; j < keys; ++j) {
-    const int64_t key = key_begin + j;
     T* row = s.scores + j * M;
-    for (int64_t r = 0; r < rows_valid; ++r) {
-      const int64_t query = row_begin + r;
-      row[r] = causal && key > query ? -std::numeric_limits<T>::infinity()
-                                     : apply_mask<MaskT>(row[r], h, query, key);
+    for (int64_t r = 0; r < rows_valid; ++r) row[r] = apply_mask<MaskT>(row[r], h, row_begin + r, key_begin + j);
+  }
+}
+
+// Causal: lane r (query row_begin + r) cannot see key key_begin + j when r < key_begin + j - row_begin.
+template <class V, int R>
+void hide_future_keys(int64_t row_begin, int64_t key_begin, int keys, TileScratch<V>& s) {
+  using T = typename V::value_type;
+  constexpr int W = V::size, M = Tile<V>::kBlockM;
+  const V neg_inf = V::broadcast(-std::numeric_limits<T>::infinity());
+  for (int j = 0; j < keys; ++j) {
+    const V first_seeing_lane = V::broadcast(static_cast<T>(key_begin + j - row_begin));
+    for (int r = 0; r < R; ++r) {
+      T* scores = s.scores + j * M + r * W;
+      V::select_less(V::load(s.lane_index + r * W), first_seeing_lane, neg_inf, V::load(scores)).store(scores);
     }
   }
 }
@@ -217,30 +231,17 @@ void attend_tile(const AttentionParams& p, const HeadViews<typename V::value_typ
     score_block<V, R>(h.k, key_begin, keys, p.head_dim, s);
     // Only blocks with a key past the tile's first row cross the diagonal.
     const bool crosses_diagonal = p.causal && key_begin + keys - 1 > row_begin;
-    if (!std::is_void_v<MaskT> || crosses_diagonal)
-      mask_block<V, MaskT>(h, crosses_diagonal, row_begin, rows, key_begin, keys, s);
+    if constexpr (!std::is_void_v<MaskT>) mask_block<V, MaskT>(h, row_begin, rows, key_begin, keys, s);
+    if (crosses_diagonal) hide_future_keys<V, R>(row_begin, key_begin, keys, s);
     softmax_block<V, R>(keys, p.head_dim_v, s);
     accumulate_block<V, R>(h.v, key_begin, keys, p.head_dim_v, s);
   }
 
-  // Epilogue: out = acc / l_i, gathering each row back from acc's columns; rows that saw no
-  // visible key (l_i = 0) give zeros.
-  constexpr int W = V::size;
-  static_assert(R >= 1 && R <= Tile<V>::kVectors);
+  // Epilogue: out = acc / l_i, transposed back element by element; rows that saw no visible key
+  // (l_i = 0) give zeros.
   for (int64_t r = 0; r < rows; ++r) {
-    const V inv_sum = V::broadcast(s.row_sum[r] == T(0) ? T(0) : T(1) / s.row_sum[r]);
-    for (int64_t e = 0; e < p.head_dim_v; e += W) {
-      const int lanes = static_cast<int>(std::min<int64_t>(W, p.head_dim_v - e));
-      const V values = V::gather_partial(s.acc + e * M + r, M, lanes) * inv_sum;
-      T* out = &h.out(row_begin + r, e);
-      if (h.out.col == 1) {
-        values.store_partial(out, lanes);
-      } else {
-        alignas(64) T buffer[W];
-        values.store(buffer);
-        for (int i = 0; i < lanes; ++i) out[i * h.out.col] = buffer[i];
-      }
-    }
+    const T inv_sum = s.row_sum[r] == T(0) ? T(0) : T(1) / s.row_sum[r];
+    for (int64_t e = 0; e < p.head_dim_v; ++e) h.out(row_begin + r, e) = s.acc[e * M + r] * inv_sum;
   }
 }
 

@@ -4,8 +4,6 @@
 
 #include <immintrin.h>
 
-#include "cpu/vec_gather.h"
-
 #ifndef FASTATTN_CPU_ISA
 #error "define FASTATTN_CPU_ISA (the ISA's namespace) before including this header"
 #endif
@@ -30,15 +28,6 @@ struct VecAvx2<float> {
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     return {_mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes))};
   }
-  void store_partial(float* p, int n) const {
-    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes), v);
-  }
-  // No vgatherdps: lane by lane is as fast on most AVX2 CPUs (slower on Intel's since the GDS
-  // microcode fix), and qemu 7.2's emulation of it returned wrong lanes here.
-  static VecAvx2 gather_partial(const float* base, int64_t stride, int n) {
-    return gather_scalar<VecAvx2>(base, stride, n);
-  }
   friend float reduce_add(VecAvx2 a) {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
@@ -61,9 +50,7 @@ struct VecAvx2<float> {
   }
   friend VecAvx2 times_pow2(VecAvx2 p, VecAvx2 n) {
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23);
-    // NaN lanes count as normal, so a NaN stays NaN.
-    const __m256 normal = _mm256_cmp_ps(n.v, _mm256_set1_ps(-126.0f), _CMP_NLT_UQ);
-    return {_mm256_and_ps(normal, _mm256_mul_ps(p.v, _mm256_castsi256_ps(bits)))};
+    return {_mm256_mul_ps(p.v, _mm256_castsi256_ps(bits))};
   }
 };
 
@@ -81,13 +68,6 @@ struct VecAvx2<double> {
   static VecAvx2 load_partial(const double* p, int n) {
     const __m256i lanes = _mm256_setr_epi64x(0, 1, 2, 3);
     return {_mm256_maskload_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), lanes))};
-  }
-  void store_partial(double* p, int n) const {
-    const __m256i lanes = _mm256_setr_epi64x(0, 1, 2, 3);
-    _mm256_maskstore_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), lanes), v);
-  }
-  static VecAvx2 gather_partial(const double* base, int64_t stride, int n) {
-    return gather_scalar<VecAvx2>(base, stride, n);
   }
   friend double reduce_add(VecAvx2 a) {
     __m128d x = _mm_add_pd(_mm256_castpd256_pd128(a.v), _mm256_extractf128_pd(a.v, 1));
@@ -110,8 +90,7 @@ struct VecAvx2<double> {
   friend VecAvx2 times_pow2(VecAvx2 p, VecAvx2 n) {
     const __m256i exponent = _mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n.v));
     const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(exponent, _mm256_set1_epi64x(1023)), 52);
-    const __m256d normal = _mm256_cmp_pd(n.v, _mm256_set1_pd(-1022.0), _CMP_NLT_UQ);
-    return {_mm256_and_pd(normal, _mm256_mul_pd(p.v, _mm256_castsi256_pd(bits)))};
+    return {_mm256_mul_pd(p.v, _mm256_castsi256_pd(bits))};
   }
 };
 

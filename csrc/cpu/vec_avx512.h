@@ -4,8 +4,6 @@
 
 #include <immintrin.h>
 
-#include "cpu/vec_gather.h"
-
 #ifndef FASTATTN_CPU_ISA
 #error "define FASTATTN_CPU_ISA (the ISA's namespace) before including this header"
 #endif
@@ -29,14 +27,6 @@ struct VecAvx512<float> {
   static VecAvx512 load_partial(const float* p, int n) {
     return {_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p)};
   }
-  void store_partial(float* p, int n) const { _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v); }
-  static VecAvx512 gather_partial(const float* base, int64_t stride, int n) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
-    if (!fits_gather_index(stride, size)) return gather_scalar<VecAvx512>(base, stride, n);
-    const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                             _mm512_set1_epi32(static_cast<int>(stride)));
-    return {_mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, index, base, 4)};
-  }
   friend float reduce_add(VecAvx512 a) { return _mm512_reduce_add_ps(a.v); }
   friend float reduce_max(VecAvx512 a) { return _mm512_reduce_max_ps(a.v); }
   friend VecAvx512 operator+(VecAvx512 a, VecAvx512 b) { return {_mm512_add_ps(a.v, b.v)}; }
@@ -49,7 +39,6 @@ struct VecAvx512<float> {
   friend VecAvx512 round_nearest(VecAvx512 x) {
     return {_mm512_roundscale_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
   }
-  // vscalefps: p * 2^n with IEEE underflow, so no special case below the normal range.
   friend VecAvx512 times_pow2(VecAvx512 p, VecAvx512 n) { return {_mm512_scalef_ps(p.v, n.v)}; }
 };
 
@@ -66,12 +55,6 @@ struct VecAvx512<double> {
   void store(double* p) const { _mm512_storeu_pd(p, v); }
   static VecAvx512 load_partial(const double* p, int n) {
     return {_mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p)};
-  }
-  void store_partial(double* p, int n) const { _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), v); }
-  static VecAvx512 gather_partial(const double* base, int64_t stride, int n) {
-    const __m512i index = _mm512_setr_epi64(0, stride, 2 * stride, 3 * stride, 4 * stride, 5 * stride, 6 * stride,
-                                            7 * stride);
-    return {_mm512_mask_i64gather_pd(_mm512_setzero_pd(), static_cast<__mmask8>((1u << n) - 1), index, base, 8)};
   }
   friend double reduce_add(VecAvx512 a) { return _mm512_reduce_add_pd(a.v); }
   friend double reduce_max(VecAvx512 a) { return _mm512_reduce_max_pd(a.v); }

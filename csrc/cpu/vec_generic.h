@@ -48,16 +48,6 @@ struct VecGeneric {
   static VecGeneric select_less(VecGeneric a, VecGeneric b, VecGeneric if_less, VecGeneric otherwise) {
     return {a.v < b.v ? if_less.v : otherwise.v};
   }
-  void store_partial(T* p, int n) const {
-    for (int i = 0; i < n; ++i) p[i] = v[i];
-  }
-  // Lanes base[i * stride] for i < n, zeros after them.
-  static VecGeneric gather_partial(const T* base, int64_t stride, int n) {
-    VecGeneric r = zero();
-    for (int i = 0; i < n; ++i) r.v[i] = base[i * stride];
-    return r;
-  }
-
   friend T reduce_add(VecGeneric a) {
     T sum = a.v[0];
     for (int i = 1; i < N; ++i) sum += a.v[i];
@@ -74,14 +64,14 @@ struct VecGeneric {
     const T shifter = sizeof(T) == 4 ? T(12582912.0) : T(6755399441055744.0);
     return {(x.v + shifter) - shifter};
   }
-  // p * 2^n for lanes of n holding integers <= the largest exponent; 0 below the smallest normal one.
+  // p * 2^n for lanes of n holding integers in the normal exponent range.
   friend VecGeneric times_pow2(VecGeneric p, VecGeneric n) {
     constexpr int mantissa_bits = sizeof(T) == 4 ? 23 : 52;
     constexpr Bits bias = sizeof(T) == 4 ? 127 : 1023;
     const NativeBits bits = (__builtin_convertvector(n.v, NativeBits) + bias) << mantissa_bits;
     Native scale;
     std::memcpy(&scale, &bits, sizeof(Native));
-    return {n.v < T(1 - bias) ? Native{} : p.v * scale};
+    return {p.v * scale};
   }
 };
 
