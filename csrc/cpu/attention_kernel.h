@@ -20,8 +20,9 @@
 
 namespace fastattn::FASTATTN_CPU_ISA {
 
-// Work items (batch element, query head, query tile), dynamically scheduled, the last tiles of
-// every head first: under causal they are the heaviest, and light ones fill in at the end.
+// Work items (batch element, query head, query tile), dynamically scheduled. Consecutive items are
+// tiles of one head, so its K and V stay in L2 (heads in turn ran at 2/3 of the speed); within a
+// head the last tiles, the heaviest under causal, come first.
 template <class V, class MaskT>
 void run_tiles(const AttentionParams& p) {
   using T = typename V::value_type;
@@ -36,10 +37,9 @@ void run_tiles(const AttentionParams& p) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < work_items; ++item) {
       if (!scratch.ok()) continue;
-      const int64_t heads = batch_count(p) * p.num_heads_q;
-      const int64_t tile = tiles_per_head - 1 - item / heads;
-      const int64_t head = item % heads % p.num_heads_q;
-      const BatchIndex batch(p, item % heads / p.num_heads_q);
+      const int64_t tile = tiles_per_head - 1 - item % tiles_per_head;
+      const int64_t head = item / tiles_per_head % p.num_heads_q;
+      const BatchIndex batch(p, item / tiles_per_head / p.num_heads_q);
       attend_tile<V, MaskT>(p, head_views<T>(p, batch, head), tile * M, scratch);
     }
   }
