@@ -228,10 +228,12 @@ void attend_tile(const AttentionParams& p, const HeadViews<typename V::value_typ
   const int64_t key_end = p.causal ? std::min(p.seqlen_k, row_begin + rows) : p.seqlen_k;
   for (int64_t key_begin = 0; key_begin < key_end; key_begin += N) {
     const int keys = static_cast<int>(std::min<int64_t>(N, key_end - key_begin));
-    // Scoring broadcasts from eight K rows at once, a pattern the hardware prefetcher follows
-    // poorly: ask for the next block's rows now.
-    for (int64_t j = key_begin + N; j < std::min(key_end, key_begin + 2 * N); ++j)
+    // Scoring broadcasts from eight K rows at once and accumulating from a new V row every few
+    // instructions, patterns the hardware prefetcher follows poorly: ask for the next block now.
+    for (int64_t j = key_begin + N; j < std::min(key_end, key_begin + 2 * N); ++j) {
       for (int64_t d = 0; d < p.head_dim; d += 64 / sizeof(T)) __builtin_prefetch(&h.k(j, d));
+      for (int64_t e = 0; e < p.head_dim_v; e += 64 / sizeof(T)) __builtin_prefetch(&h.v(j, e));
+    }
     score_block<V, R>(h.k, key_begin, keys, p.head_dim, s);
     // Only blocks with a key past the tile's first row cross the diagonal.
     const bool crosses_diagonal = p.causal && key_begin + keys - 1 > row_begin;
