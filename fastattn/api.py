@@ -3,10 +3,12 @@
 import math
 import os
 from numbers import Real
+from typing import NamedTuple
 
 import numpy as np
 
 from . import _core
+from .cuda import is_device_array
 
 __all__ = ["attention", "scaled_dot_product_attention", "set_num_threads", "get_num_threads",
            "cpu_info", "set_isa"]
@@ -113,20 +115,21 @@ def _check_scale(scale, head_dim):
     return float(scale)
 
 
-def _attention(q, k, v, mask, causal, scale, names):
-    ndim_out = max(np.ndim(q), np.ndim(k), np.ndim(v))
-    q = _check_array(q, names.q)
-    k = _check_array(k, names.k)
-    v = _check_array(v, names.v)
-    if q.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{names.q} has dtype {q.dtype}; fastattn supports float32 and float64")
-    for x, name in ((k, names.k), (v, names.v)):
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but {names.q} has {q.dtype}; pass one dtype")
+class _Layout(NamedTuple):
+    """The sizes every operand must agree on; the output is batch + (heads_q, seqlen_q, head_dim_v)."""
+    batch: tuple
+    heads_q: int
+    seqlen_q: int
+    seqlen_k: int
+    head_dim: int
+    head_dim_v: int
 
-    heads_q, seqlen_q, head_dim = q.shape[-3:]
-    heads_k, seqlen_k, head_dim_k = k.shape[-3:]
-    heads_v, seqlen_v, head_dim_v = v.shape[-3:]
+
+def _check_shapes(q_shape, k_shape, v_shape, names):
+    """Shapes of at least 3 dims (batch..., heads, rows, cols) -> their _Layout, or a ValueError."""
+    heads_q, seqlen_q, head_dim = q_shape[-3:]
+    heads_k, seqlen_k, head_dim_k = k_shape[-3:]
+    heads_v, seqlen_v, head_dim_v = v_shape[-3:]
     if head_dim_k != head_dim:
         raise ValueError(f"{names.k} has head_dim {head_dim_k} but {names.q} has {head_dim}")
     if seqlen_v != seqlen_k:
@@ -137,14 +140,50 @@ def _attention(q, k, v, mask, causal, scale, names):
                 f"{names.q} has {heads_q} heads, which is not a multiple of the {heads} heads of {name} "
                 f"(grouped-query attention needs query heads = n * key/value heads)")
     try:
-        batch = np.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+        batch = np.broadcast_shapes(q_shape[:-3], k_shape[:-3], v_shape[:-3])
     except ValueError:
         raise ValueError(
-            f"the batch dims of {names.q} {q.shape[:-3]}, {names.k} {k.shape[:-3]} and "
-            f"{names.v} {v.shape[:-3]} do not broadcast") from None
-    scale = _check_scale(scale, head_dim)
+            f"the batch dims of {names.q} {q_shape[:-3]}, {names.k} {k_shape[:-3]} and "
+            f"{names.v} {v_shape[:-3]} do not broadcast") from None
+    return _Layout(batch, heads_q, seqlen_q, seqlen_k, head_dim, head_dim_v)
+
+
+def _mask_target(mask_shape, layout, names):
+    """The scores' shape, which the mask must broadcast to without growing it."""
+    target = layout.batch + (layout.heads_q, layout.seqlen_q, layout.seqlen_k)
+    try:
+        if np.broadcast_shapes(mask_shape, target) == target:
+            return target
+    except ValueError:
+        pass
+    raise ValueError(f"{names.mask} of shape {tuple(mask_shape)} does not broadcast to the scores' shape "
+                     f"{target} (batch..., query heads, L, S)")
+
+
+def _check_causal(causal, names):
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"{names.causal} must be a bool, got {type(causal).__name__}")
+    return bool(causal)
+
+
+def _attention(q, k, v, mask, causal, scale, names):
+    if any(is_device_array(x) for x in (q, k, v, mask)):
+        from .cuda import dispatch  # imports numba-cuda, only for callers that hold GPU arrays
+
+        return dispatch.attention(q, k, v, mask, causal, scale, names)
+
+    ndim_out = max(np.ndim(q), np.ndim(k), np.ndim(v))
+    q = _check_array(q, names.q)
+    k = _check_array(k, names.k)
+    v = _check_array(v, names.v)
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{names.q} has dtype {q.dtype}; fastattn supports float32 and float64")
+    for x, name in ((k, names.k), (v, names.v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but {names.q} has {q.dtype}; pass one dtype")
+    layout = _check_shapes(q.shape, k.shape, v.shape, names)
+    scale = _check_scale(scale, layout.head_dim)
+    causal = _check_causal(causal, names)
 
     if mask is not None:
         if not isinstance(mask, np.ndarray):
@@ -153,21 +192,16 @@ def _attention(q, k, v, mask, causal, scale, names):
             raise TypeError(f"{names.mask} has dtype {mask.dtype}; use bool, float32 or float64")
         if not mask.dtype.isnative or not mask.flags.aligned:
             raise ValueError(f"{names.mask} must be aligned and in native byte order")
-        target = batch + (heads_q, seqlen_q, seqlen_k)
-        try:
-            mask = np.broadcast_to(mask, target)  # a view: broadcast dims get stride 0
-        except ValueError:
-            raise ValueError(
-                f"{names.mask} of shape {mask.shape} does not broadcast to the scores' shape {target} "
-                f"(batch..., query heads, L, S)") from None
+        mask = np.broadcast_to(mask, _mask_target(mask.shape, layout, names))  # broadcast dims: stride 0
 
-    out = np.empty(batch + (heads_q, seqlen_q, head_dim_v), dtype=q.dtype)
+    batch = layout.batch
+    out = np.empty(batch + (layout.heads_q, layout.seqlen_q, layout.head_dim_v), dtype=q.dtype)
     if out.size > 0:
         _core.attention_forward(
             np.broadcast_to(q, batch + q.shape[-3:]),
             np.broadcast_to(k, batch + k.shape[-3:]),
             np.broadcast_to(v, batch + v.shape[-3:]),
-            out, mask, scale, bool(causal), _num_threads)
+            out, mask, scale, causal, _num_threads)
     return out if ndim_out > 2 else out[0]
 
 
