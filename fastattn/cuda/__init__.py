@@ -1,8 +1,8 @@
 """The GPU back end: a fused Numba CUDA attention kernel (kernel.py) and its launcher (launcher.py).
 
-fastattn.api imports this package only when it sees a device array, so a CPU-only user never imports
-Numba: is_device_array below needs nothing but the object. The submodules import numba-cuda
-(`pip install fastattn[cuda]`).
+Importing this package imports no Numba: is_device_array below needs nothing but the object, so
+fastattn.api can ask it about every argument and a CPU-only user never pays for Numba. The
+submodules import numba-cuda (`pip install fastattn[cuda]`) and are imported only for device arrays.
 """
 
 __all__ = ["is_device_array"]

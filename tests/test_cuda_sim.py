@@ -1,0 +1,62 @@
+"""The GPU kernel on Numba's CUDA simulator: every case of tests/cuda_sim_cases.py against the NumPy
+reference.
+
+NUMBA_ENABLE_CUDASIM must be set before Numba is imported, so the cases run in fresh interpreters
+(two, in parallel: the simulator is single-threaded and slow) started outside the source tree, and
+report one JSON line per case; each case is then one test here, so a failure names its case.
+The simulator runs the very kernel that ships: same tile sizes, same code path (it has no warp
+shuffles, and the kernel uses none).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import cuda_sim_cases
+import pytest
+
+CASE_NAMES = [c["name"] for c in cuda_sim_cases.CASES]
+PROCESSES = 2
+
+needs_numba_cuda = pytest.mark.skipif(
+    importlib.util.find_spec("numba") is None or importlib.util.find_spec("numba.cuda") is None,
+    reason="numba-cuda is not installed (pip install 'fastattn[gpu-dev]' to run the simulator tests)")
+
+
+@pytest.fixture(scope="module")
+def results():
+    script = os.path.abspath(cuda_sim_cases.__file__)
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    shares = [CASE_NAMES[i::PROCESSES] for i in range(PROCESSES)]
+    runs = [subprocess.Popen([sys.executable, script, *share], cwd="/", env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for share in shares]
+    reported = {}
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=900)
+        for line in stdout.splitlines():
+            if line.startswith("{"):
+                record = json.loads(line)
+                reported[record["name"]] = record
+        reported.setdefault("_stderr", []).append(stderr[-4000:])
+    return reported
+
+
+@needs_numba_cuda
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_simulated_kernel_matches_reference(results, name):
+    if name not in results:
+        pytest.fail(f"case {name} reported nothing; the simulator's stderr ends with:\n" + "\n".join(results["_stderr"]))
+    record = results[name]
+    assert record["ok"], f"{name}: {record['problem']} (max error {record['max_error']}, bound {record['bound']})"
+
+
+def test_fastattn_imports_no_numba_and_knows_device_arrays():
+    """A CPU-only user never pays for Numba: neither importing fastattn nor asking whether something
+    is a device array imports it."""
+    code = ("import sys, numpy as np, fastattn, fastattn.cuda as fc; "
+            "assert not fc.is_device_array(np.zeros(3)); "
+            "print(sorted(m for m in sys.modules if m == 'numba' or m.startswith('numba.')))")
+    run = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True)
+    assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout  # last line: an editable install may log
