@@ -62,6 +62,11 @@ def bool_mask(rng, shape, hidden=0.3):
     return rng.random(shape) >= hidden
 
 
+def make_mask(rng, shape, dtype):
+    """A bool mask, or a float mask of `dtype` with -inf entries."""
+    return bool_mask(rng, shape) if dtype is bool else float_mask(rng, shape).astype(dtype)
+
+
 def attention_in(dtype, q, k, v, mask=None, causal=False, scale=None):
     """The reference's math evaluated in `dtype`: in float32 the naive implementation a kernel's
     error is compared with; in np.longdouble the exact answer a float64 kernel is measured against."""

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import fastattn
 from fastattn import reference
 
-from conftest import bool_mask, check_against_reference, float_mask, qkv, randn
+from conftest import bool_mask, check_against_reference, float_mask, make_mask, qkv, randn
 
 pytestmark = pytest.mark.usefixtures("isa")
 
@@ -88,10 +88,7 @@ MASK_SHAPES = [(L, S), (1, S), (L, 1), (S,), (H, L, S), (B, 1, L, S), (B, H, 1, 
 @pytest.mark.parametrize("mask_shape", MASK_SHAPES, ids=repr)
 def test_mask_broadcast_forms(rng, mask_shape, dtype, mask_dtype, causal):
     q, k, v = qkv(rng, dtype, (B, H, L, 16), (B, H, S, 16), (B, H, S, 16))
-    if mask_dtype is bool:
-        mask = bool_mask(rng, mask_shape)
-    else:
-        mask = float_mask(rng, mask_shape).astype(mask_dtype)
+    mask = make_mask(rng, mask_shape, mask_dtype)
     out = fastattn.attention(q, k, v, mask, causal=causal)
     check_against_reference(out, q, k, v, mask, causal=causal)
 

@@ -8,7 +8,7 @@ import pytest
 
 import fastattn
 
-from conftest import assert_within_naive_error, attention_in, bool_mask, float_mask, qkv, randn, run_python
+from conftest import assert_within_naive_error, attention_in, bool_mask, float_mask, make_mask, qkv, randn, run_python
 
 torch = pytest.importorskip("torch")
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
@@ -120,10 +120,7 @@ B, H, L, S = 2, 3, 20, 70
 @pytest.mark.parametrize("mask_shape", [(L, S), (1, S), (L, 1), (1, 1), (B, 1, L, S), (1, H, 1, S), (B, H, L, S)], ids=repr)
 def test_masks(isa, rng, mask_shape, dtype, mask_dtype):
     q, k, v = qkv(rng, dtype, (B, H, L, 16), (B, H, S, 16), (B, H, S, 16))
-    if mask_dtype is bool:
-        mask = bool_mask(rng, mask_shape)
-    else:
-        mask = float_mask(rng, mask_shape).astype(mask_dtype)
+    mask = make_mask(rng, mask_shape, mask_dtype)
     check_against_torch(q, k, v, mask)
 
 

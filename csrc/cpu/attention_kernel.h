@@ -74,8 +74,10 @@ void run_decode(const AttentionParams& p) {
       const int64_t key_end = std::min(shape.key_end, key_begin + Decode::kSplitKeys);
       decode_split<V, MaskT>(p, heads, shape, key_begin, key_end, scratch, states.data() + item * split_stride);
     }
+    // After a failed allocation some splits were never computed: merge nothing, report below.
 #pragma omp for schedule(static)
     for (int64_t row_item = 0; row_item < batch_count(p) * groups * shape.rows; ++row_item) {
+      if (out_of_memory) continue;
       const int64_t row = row_item % shape.rows;
       const int64_t group = row_item / shape.rows % groups;
       const int64_t batch_flat = row_item / shape.rows / groups;
