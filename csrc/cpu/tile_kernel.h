@@ -42,17 +42,19 @@ struct TileScratch {
   T* acc;      // [head_dim_v][BLOCK_M], unnormalised output, transposed
   T* row_max;  // [BLOCK_M], m_i
   T* row_sum;  // [BLOCK_M], l_i
+  T* alpha;    // [BLOCK_M], exp(m_old - m_new) of the last block
   T* lane_index;  // [BLOCK_M], 0, 1, 2, ...
 
   // Every piece is a multiple of BLOCK_M elements, hence of the vector width: all stay aligned.
   TileScratch(int64_t head_dim, int64_t head_dim_v)
-      : memory((head_dim + Tile<V>::kBlockN + head_dim_v + 3) * M),
+      : memory((head_dim + Tile<V>::kBlockN + head_dim_v + 4) * M),
         q_tile(memory.data()),
         scores(q_tile + head_dim * M),
         acc(scores + Tile<V>::kBlockN * M),
         row_max(acc + head_dim_v * M),
         row_sum(row_max + M),
-        lane_index(row_sum + M) {
+        alpha(row_sum + M),
+        lane_index(alpha + M) {
     if (ok())
       for (int i = 0; i < M; ++i) lane_index[i] = static_cast<T>(i);
   }
@@ -83,14 +85,17 @@ void score_keys(const MatrixView<const typename V::value_type>& k, int64_t key_b
   V acc[NK][R];
   for (int j = 0; j < NK; ++j)
     for (int r = 0; r < R; ++r) acc[j][r] = V::zero();
-  for (int64_t d = 0; d < head_dim; ++d) {
+  // head_dim >= 1 (attend_tile's caller handles 0): a do-while lets the accumulators stay in
+  // registers, where a loop that might not run made GCC keep a copy of them on the stack.
+  int64_t d = 0;
+  do {
     V q[R];
     for (int r = 0; r < R; ++r) q[r] = V::load(q_tile + d * M + r * W);
     for (int j = 0; j < NK; ++j) {
       const V key = V::broadcast(k(key_begin + j, d));
       for (int r = 0; r < R; ++r) acc[j][r] = fmadd(key, q[r], acc[j][r]);
     }
-  }
+  } while (++d < head_dim);
   for (int j = 0; j < NK; ++j)
     for (int r = 0; r < R; ++r) acc[j][r].store(scores + j * M + r * W);
 }
@@ -109,6 +114,10 @@ template <class V, int R>
 void score_block(const MatrixView<const typename V::value_type>& k, int64_t key_begin, int keys,
                  int64_t head_dim, TileScratch<V>& s) {
   constexpr int KS = Tile<V>::kSteps, M = Tile<V>::kBlockM;
+  if (head_dim == 0) {  // empty dot products
+    std::fill(s.scores, s.scores + keys * M, typename V::value_type(0));
+    return;
+  }
   int j = 0;
   for (; j + KS <= keys; j += KS) score_keys<V, R, KS>(k, key_begin + j, head_dim, s.q_tile, s.scores + j * M);
   score_key_tail<V, R>(keys - j, k, key_begin + j, head_dim, s.q_tile, s.scores + j * M);
@@ -142,42 +151,56 @@ void hide_future_keys(int64_t row_begin, int64_t key_begin, int keys, TileScratc
 }
 
 // Online softmax over one block, lane by lane: updates m_i and l_i, turns scores into
-// probabilities and rescales acc by alpha = exp(m_old - m_new).
+// probabilities and leaves alpha = exp(m_old - m_new) for accumulate_block. Returns whether any
+// lane's maximum moved: if none did, alpha is exactly 1 and acc needs no rescaling.
 template <class V, int R>
-void softmax_block(int keys, int64_t head_dim_v, TileScratch<V>& s) {
+bool softmax_block(int keys, TileScratch<V>& s) {
   using T = typename V::value_type;
   constexpr int W = V::size, M = Tile<V>::kBlockM;
+  T* const scores = s.scores;
+  bool max_moved = false;
   for (int r = 0; r < R; ++r) {
     const int lane0 = r * W;
     const V m_old = V::load(s.row_max + lane0);
-    V m_new = m_old;
-    for (int j = 0; j < keys; ++j) m_new = max(m_new, V::load(s.scores + j * M + lane0));
+    // Four running maxima: one chain would wait on each compare in turn.
+    V m[4] = {m_old, m_old, m_old, m_old};
+    int j = 0;
+    for (; j + 4 <= keys; j += 4)
+      for (int u = 0; u < 4; ++u) m[u] = max(m[u], V::load(scores + (j + u) * M + lane0));
+    for (; j < keys; ++j) m[0] = max(m[0], V::load(scores + j * M + lane0));
+    const V m_new = max(max(m[0], m[1]), max(m[2], m[3]));
+    max_moved = max_moved || any_less(m_old, m_new);
     // A row that has seen no visible key keeps m = -inf; subtract 0 instead so exp gives 0, not NaN.
     const V m_sub = replace_neg_inf(m_new, T(0));
-    const V alpha = exp(m_old - m_sub);
     V sum = V::zero();
-    for (int j = 0; j < keys; ++j) {
-      const V p = exp(V::load(s.scores + j * M + lane0) - m_sub);
-      p.store(s.scores + j * M + lane0);
+    for (j = 0; j < keys; ++j) {
+      T* const row = scores + j * M + lane0;
+      const V p = exp(V::load(row) - m_sub);
+      p.store(row);
       sum = sum + p;
     }
+    const V alpha = exp(m_old - m_sub);
+    alpha.store(s.alpha + lane0);
     fmadd(V::load(s.row_sum + lane0), alpha, sum).store(s.row_sum + lane0);
     m_new.store(s.row_max + lane0);
-    for (int64_t e = 0; e < head_dim_v; ++e) {
-      T* a = s.acc + e * M + lane0;
-      (V::load(a) * alpha).store(a);
-    }
   }
+  return max_moved;
 }
 
-// acc[e][:] += sum_j v[key_begin + j][e] * p[j][:] for NE consecutive output columns.
+// acc[e][:] = alpha * acc[e][:] + sum_j v[key_begin + j][e] * p[j][:] for NE consecutive output
+// columns (acc[e][:] + ... when no maximum moved).
 template <class V, int R, int NE>
 void accumulate_values(const MatrixView<const typename V::value_type>& v, int64_t key_begin,
-                       int keys, int64_t col_begin, TileScratch<V>& s) {
+                       int keys, int64_t col_begin, bool rescale, TileScratch<V>& s) {
   constexpr int W = V::size, M = Tile<V>::kBlockM;
   V acc[NE][R];
   for (int c = 0; c < NE; ++c)
     for (int r = 0; r < R; ++r) acc[c][r] = V::load(s.acc + (col_begin + c) * M + r * W);
+  if (rescale)
+    for (int r = 0; r < R; ++r) {
+      const V alpha = V::load(s.alpha + r * W);
+      for (int c = 0; c < NE; ++c) acc[c][r] = acc[c][r] * alpha;
+    }
   for (int j = 0; j < keys; ++j) {
     V p[R];
     for (int r = 0; r < R; ++r) p[r] = V::load(s.scores + j * M + r * W);
@@ -192,20 +215,20 @@ void accumulate_values(const MatrixView<const typename V::value_type>& v, int64_
 
 template <class V, int R, int NE = Tile<V>::kSteps - 1>
 void accumulate_value_tail(int cols, const MatrixView<const typename V::value_type>& v, int64_t key_begin,
-                           int keys, int64_t col_begin, TileScratch<V>& s) {
+                           int keys, int64_t col_begin, bool rescale, TileScratch<V>& s) {
   if constexpr (NE > 0) {
-    if (cols == NE) return accumulate_values<V, R, NE>(v, key_begin, keys, col_begin, s);
-    accumulate_value_tail<V, R, NE - 1>(cols, v, key_begin, keys, col_begin, s);
+    if (cols == NE) return accumulate_values<V, R, NE>(v, key_begin, keys, col_begin, rescale, s);
+    accumulate_value_tail<V, R, NE - 1>(cols, v, key_begin, keys, col_begin, rescale, s);
   }
 }
 
 template <class V, int R>
 void accumulate_block(const MatrixView<const typename V::value_type>& v, int64_t key_begin,
-                      int keys, int64_t head_dim_v, TileScratch<V>& s) {
+                      int keys, int64_t head_dim_v, bool rescale, TileScratch<V>& s) {
   constexpr int CS = Tile<V>::kSteps;
   int64_t e = 0;
-  for (; e + CS <= head_dim_v; e += CS) accumulate_values<V, R, CS>(v, key_begin, keys, e, s);
-  accumulate_value_tail<V, R>(static_cast<int>(head_dim_v - e), v, key_begin, keys, e, s);
+  for (; e + CS <= head_dim_v; e += CS) accumulate_values<V, R, CS>(v, key_begin, keys, e, rescale, s);
+  accumulate_value_tail<V, R>(static_cast<int>(head_dim_v - e), v, key_begin, keys, e, rescale, s);
 }
 
 // One query tile of one head, R vectors of queries (fewer than kVectors only for the last tile
@@ -228,19 +251,13 @@ void attend_tile(const AttentionParams& p, const HeadViews<typename V::value_typ
   const int64_t key_end = p.causal ? std::min(p.seqlen_k, row_begin + rows) : p.seqlen_k;
   for (int64_t key_begin = 0; key_begin < key_end; key_begin += N) {
     const int keys = static_cast<int>(std::min<int64_t>(N, key_end - key_begin));
-    // Scoring broadcasts from eight K rows at once and accumulating from a new V row every few
-    // instructions, patterns the hardware prefetcher follows poorly: ask for the next block now.
-    for (int64_t j = key_begin + N; j < std::min(key_end, key_begin + 2 * N); ++j) {
-      for (int64_t d = 0; d < p.head_dim; d += 64 / sizeof(T)) __builtin_prefetch(&h.k(j, d));
-      for (int64_t e = 0; e < p.head_dim_v; e += 64 / sizeof(T)) __builtin_prefetch(&h.v(j, e));
-    }
     score_block<V, R>(h.k, key_begin, keys, p.head_dim, s);
     // Only blocks with a key past the tile's first row cross the diagonal.
     const bool crosses_diagonal = p.causal && key_begin + keys - 1 > row_begin;
     if constexpr (!std::is_void_v<MaskT>) mask_block<V, MaskT>(h, row_begin, rows, key_begin, keys, s);
     if (crosses_diagonal) hide_future_keys<V, R>(row_begin, key_begin, keys, s);
-    softmax_block<V, R>(keys, p.head_dim_v, s);
-    accumulate_block<V, R>(h.v, key_begin, keys, p.head_dim_v, s);
+    const bool rescale = softmax_block<V, R>(keys, s);
+    accumulate_block<V, R>(h.v, key_begin, keys, p.head_dim_v, rescale, s);
   }
 
   // Epilogue: out = acc / l_i, transposed back element by element; rows that saw no visible key

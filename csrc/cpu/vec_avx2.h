@@ -45,6 +45,8 @@ struct VecAvx2<float> {
   static VecAvx2 select_less(VecAvx2 a, VecAvx2 b, VecAvx2 if_less, VecAvx2 otherwise) {
     return {_mm256_blendv_ps(otherwise.v, if_less.v, _mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ))};
   }
+  friend VecAvx2 max(VecAvx2 a, VecAvx2 b) { return {_mm256_max_ps(b.v, a.v)}; }
+  friend bool any_less(VecAvx2 a, VecAvx2 b) { return _mm256_movemask_ps(_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ)) != 0; }
   friend VecAvx2 round_nearest(VecAvx2 x) {
     return {_mm256_round_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
   }
@@ -84,6 +86,8 @@ struct VecAvx2<double> {
   static VecAvx2 select_less(VecAvx2 a, VecAvx2 b, VecAvx2 if_less, VecAvx2 otherwise) {
     return {_mm256_blendv_pd(otherwise.v, if_less.v, _mm256_cmp_pd(a.v, b.v, _CMP_LT_OQ))};
   }
+  friend VecAvx2 max(VecAvx2 a, VecAvx2 b) { return {_mm256_max_pd(b.v, a.v)}; }
+  friend bool any_less(VecAvx2 a, VecAvx2 b) { return _mm256_movemask_pd(_mm256_cmp_pd(a.v, b.v, _CMP_LT_OQ)) != 0; }
   friend VecAvx2 round_nearest(VecAvx2 x) {
     return {_mm256_round_pd(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
   }

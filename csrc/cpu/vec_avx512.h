@@ -36,6 +36,8 @@ struct VecAvx512<float> {
   static VecAvx512 select_less(VecAvx512 a, VecAvx512 b, VecAvx512 if_less, VecAvx512 otherwise) {
     return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ), otherwise.v, if_less.v)};
   }
+  friend VecAvx512 max(VecAvx512 a, VecAvx512 b) { return {_mm512_max_ps(b.v, a.v)}; }
+  friend bool any_less(VecAvx512 a, VecAvx512 b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ) != 0; }
   friend VecAvx512 round_nearest(VecAvx512 x) {
     return {_mm512_roundscale_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
   }
@@ -65,6 +67,8 @@ struct VecAvx512<double> {
   static VecAvx512 select_less(VecAvx512 a, VecAvx512 b, VecAvx512 if_less, VecAvx512 otherwise) {
     return {_mm512_mask_blend_pd(_mm512_cmp_pd_mask(a.v, b.v, _CMP_LT_OQ), otherwise.v, if_less.v)};
   }
+  friend VecAvx512 max(VecAvx512 a, VecAvx512 b) { return {_mm512_max_pd(b.v, a.v)}; }
+  friend bool any_less(VecAvx512 a, VecAvx512 b) { return _mm512_cmp_pd_mask(a.v, b.v, _CMP_LT_OQ) != 0; }
   friend VecAvx512 round_nearest(VecAvx512 x) {
     return {_mm512_roundscale_pd(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
   }

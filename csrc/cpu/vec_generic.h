@@ -48,6 +48,14 @@ struct VecGeneric {
   static VecGeneric select_less(VecGeneric a, VecGeneric b, VecGeneric if_less, VecGeneric otherwise) {
     return {a.v < b.v ? if_less.v : otherwise.v};
   }
+  // Lane-wise a < b ? b : a: a NaN in a is kept, a NaN in b is not (vmaxps with swapped operands).
+  friend VecGeneric max(VecGeneric a, VecGeneric b) { return {a.v < b.v ? b.v : a.v}; }
+  // Whether a < b in any lane.
+  friend bool any_less(VecGeneric a, VecGeneric b) {
+    for (int i = 0; i < N; ++i)
+      if (a.v[i] < b.v[i]) return true;
+    return false;
+  }
   friend T reduce_add(VecGeneric a) {
     T sum = a.v[0];
     for (int i = 1; i < N; ++i) sum += a.v[i];

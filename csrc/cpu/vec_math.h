@@ -10,12 +10,6 @@
 
 namespace fastattn::FASTATTN_CPU_ISA {
 
-// Lane-wise a < b ? b : a. A NaN in a is kept; a NaN in b is not (the probabilities carry it).
-template <class V>
-V max(V a, V b) {
-  return V::select_less(a, b, b, a);
-}
-
 // Lanes equal to -inf become `replacement`.
 template <class V>
 V replace_neg_inf(V a, typename V::value_type replacement) {
