@@ -153,10 +153,15 @@ void hide_future_keys(int64_t row_begin, int64_t key_begin, int keys, TileScratc
 // Online softmax over one block, lane by lane: updates m_i and l_i, turns scores into
 // probabilities and leaves alpha = exp(m_old - m_new) for accumulate_block. Returns whether any
 // lane's maximum moved: if none did, alpha is exactly 1 and acc needs no rescaling.
-template <class V, int R>
+// log2(e) multiplies s - m, a difference near 0: folded into the scores it would round every score
+// at 1.44x its magnitude (60 ulp at 1e3). MayHide: the block may hold -inf scores (a mask, the
+// causal diagonal), which must weigh exactly 0; otherwise every score is finite and exp2_clamped
+// suffices.
+template <class V, int R, bool MayHide>
 bool softmax_block(int keys, TileScratch<V>& s) {
   using T = typename V::value_type;
   constexpr int W = V::size, M = Tile<V>::kBlockM;
+  const V log2e = V::broadcast(T(kLog2e));
   T* const scores = s.scores;
   bool max_moved = false;
   for (int r = 0; r < R; ++r) {
@@ -170,16 +175,17 @@ bool softmax_block(int keys, TileScratch<V>& s) {
     for (; j < keys; ++j) m[0] = max(m[0], V::load(scores + j * M + lane0));
     const V m_new = max(max(m[0], m[1]), max(m[2], m[3]));
     max_moved = max_moved || any_less(m_old, m_new);
-    // A row that has seen no visible key keeps m = -inf; subtract 0 instead so exp gives 0, not NaN.
+    // A row that has seen no visible key keeps m = -inf; use 0 instead so exp gives 0, not NaN.
     const V m_sub = replace_neg_inf(m_new, T(0));
     V sum = V::zero();
     for (j = 0; j < keys; ++j) {
       T* const row = scores + j * M + lane0;
-      const V p = exp(V::load(row) - m_sub);
+      const V x = (V::load(row) - m_sub) * log2e;
+      const V p = MayHide ? exp2(x) : exp2_clamped(x);
       p.store(row);
       sum = sum + p;
     }
-    const V alpha = exp(m_old - m_sub);
+    const V alpha = exp2((m_old - m_sub) * log2e);
     alpha.store(s.alpha + lane0);
     fmadd(V::load(s.row_sum + lane0), alpha, sum).store(s.row_sum + lane0);
     m_new.store(s.row_max + lane0);
@@ -256,7 +262,8 @@ void attend_tile(const AttentionParams& p, const HeadViews<typename V::value_typ
     const bool crosses_diagonal = p.causal && key_begin + keys - 1 > row_begin;
     if constexpr (!std::is_void_v<MaskT>) mask_block<V, MaskT>(h, row_begin, rows, key_begin, keys, s);
     if (crosses_diagonal) hide_future_keys<V, R>(row_begin, key_begin, keys, s);
-    const bool rescale = softmax_block<V, R>(keys, s);
+    const bool may_hide = !std::is_void_v<MaskT> || crosses_diagonal;
+    const bool rescale = may_hide ? softmax_block<V, R, true>(keys, s) : softmax_block<V, R, false>(keys, s);
     accumulate_block<V, R>(h.v, key_begin, keys, p.head_dim_v, rescale, s);
   }
 

