@@ -61,18 +61,70 @@ struct TileScratch {
   bool ok() const { return memory.data() != nullptr; }
 };
 
-// Loads the query tile transposed and pre-scaled; rows past the end are zero. Element by element:
-// vector gathers were slower here (Zen 4 microcodes them), and so were lane-by-lane vectors built
-// in memory (store forwarding fails).
+// Loads the query tile transposed and pre-scaled; rows past the end are zero. Rows with unit column
+// stride go through square in-register transposes; any other layout element by element (vector
+// gathers were slower here: Zen 4 microcodes them).
 template <class V, int R>
 void pack_query_tile(const MatrixView<const typename V::value_type>& q, int64_t row_begin,
                      int64_t rows, int64_t head_dim, typename V::value_type q_scale, TileScratch<V>& s) {
   using T = typename V::value_type;
-  constexpr int M = Tile<V>::kBlockM;
-  for (int64_t d = 0; d < head_dim; ++d) {
-    T* column = s.q_tile + d * M;
-    for (int64_t r = 0; r < rows; ++r) column[r] = q(row_begin + r, d) * q_scale;
-    for (int64_t r = rows; r < R * V::size; ++r) column[r] = T(0);
+  constexpr int W = V::size, M = Tile<V>::kBlockM;
+  if (q.col != 1) {
+    for (int64_t d = 0; d < head_dim; ++d) {
+      T* column = s.q_tile + d * M;
+      for (int64_t r = 0; r < rows; ++r) column[r] = q(row_begin + r, d) * q_scale;
+      for (int64_t r = rows; r < R * W; ++r) column[r] = T(0);
+    }
+    return;
+  }
+  const V scale = V::broadcast(q_scale);
+  for (int r0 = 0; r0 < R * W; r0 += W) {
+    for (int64_t d0 = 0; d0 < head_dim; d0 += W) {
+      const int cols = static_cast<int>(std::min<int64_t>(W, head_dim - d0));
+      V block[W];
+      for (int i = 0; i < W; ++i) {
+        if (r0 + i >= rows) {
+          block[i] = V::zero();
+          continue;
+        }
+        const T* row = &q(row_begin + r0 + i, d0);
+        block[i] = cols == W ? V::load(row) : V::load_partial(row, cols);
+      }
+      V::transpose(block);
+      for (int i = 0; i < cols; ++i) (block[i] * scale).store(s.q_tile + (d0 + i) * M + r0);
+    }
+  }
+}
+
+// out = acc / l_i, transposed back into the output rows; rows that saw no visible key (l_i = 0)
+// give zeros. In-register transposes for unit column stride, element by element otherwise.
+template <class V, int R>
+void store_output_tile(const MatrixView<typename V::value_type>& out, int64_t row_begin, int64_t rows,
+                       int64_t head_dim_v, TileScratch<V>& s) {
+  using T = typename V::value_type;
+  constexpr int W = V::size, M = Tile<V>::kBlockM;
+  T* const inv_sum = s.alpha;  // free once the last block is accumulated
+  for (int r = 0; r < R * W; ++r) inv_sum[r] = s.row_sum[r] == T(0) ? T(0) : T(1) / s.row_sum[r];
+  if (out.col != 1) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t e = 0; e < head_dim_v; ++e) out(row_begin + r, e) = s.acc[e * M + r] * inv_sum[r];
+    return;
+  }
+  for (int r0 = 0; r0 < rows; r0 += W) {
+    const V inv = V::load(inv_sum + r0);
+    for (int64_t e0 = 0; e0 < head_dim_v; e0 += W) {
+      const int cols = static_cast<int>(std::min<int64_t>(W, head_dim_v - e0));
+      V block[W];
+      for (int i = 0; i < W; ++i) block[i] = i < cols ? V::load(s.acc + (e0 + i) * M + r0) * inv : V::zero();
+      V::transpose(block);
+      for (int i = 0; i < W && r0 + i < rows; ++i) {
+        T* row = &out(row_begin + r0 + i, e0);
+        if (cols == W)
+          block[i].store(row);
+        else
+          block[i].store_partial(row, cols);
+      }
+    }
   }
 }
 
@@ -267,12 +319,7 @@ void attend_tile(const AttentionParams& p, const HeadViews<typename V::value_typ
     accumulate_block<V, R>(h.v, key_begin, keys, p.head_dim_v, rescale, s);
   }
 
-  // Epilogue: out = acc / l_i, transposed back element by element; rows that saw no visible key
-  // (l_i = 0) give zeros.
-  for (int64_t r = 0; r < rows; ++r) {
-    const T inv_sum = s.row_sum[r] == T(0) ? T(0) : T(1) / s.row_sum[r];
-    for (int64_t e = 0; e < p.head_dim_v; ++e) h.out(row_begin + r, e) = s.acc[e * M + r] * inv_sum;
-  }
+  store_output_tile<V, R>(h.out, row_begin, rows, p.head_dim_v, s);
 }
 
 // The tile starting at row_begin, with as many query vectors as its rows need.

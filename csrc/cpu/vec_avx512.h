@@ -27,6 +27,30 @@ struct VecAvx512<float> {
   static VecAvx512 load_partial(const float* p, int n) {
     return {_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p)};
   }
+  void store_partial(float* p, int n) const { _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v); }
+  // Within each 128-bit lane as for AVX2 (u[4i + k]: rows 4i..4i+3 of columns 4L + k in lane L),
+  // then two rounds of 128-bit lane shuffles gather lane L of u[k], u[4 + k], u[8 + k], u[12 + k].
+  static void transpose(VecAvx512 (&r)[16]) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_unpacklo_ps(r[2 * i].v, r[2 * i + 1].v);
+      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i].v, r[2 * i + 1].v);
+    }
+    for (int i = 0; i < 4; ++i) {
+      u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+      u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+      u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+      u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int k = 0; k < 4; ++k) {
+      const __m512 v0 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x88), v1 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xDD);
+      const __m512 w0 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x88), w1 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xDD);
+      r[k].v = _mm512_shuffle_f32x4(v0, w0, 0x88);
+      r[8 + k].v = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+      r[4 + k].v = _mm512_shuffle_f32x4(v1, w1, 0x88);
+      r[12 + k].v = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+    }
+  }
   friend float reduce_add(VecAvx512 a) { return _mm512_reduce_add_ps(a.v); }
   friend float reduce_max(VecAvx512 a) { return _mm512_reduce_max_ps(a.v); }
   friend VecAvx512 operator+(VecAvx512 a, VecAvx512 b) { return {_mm512_add_ps(a.v, b.v)}; }
@@ -57,6 +81,23 @@ struct VecAvx512<double> {
   void store(double* p) const { _mm512_storeu_pd(p, v); }
   static VecAvx512 load_partial(const double* p, int n) {
     return {_mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p)};
+  }
+  void store_partial(double* p, int n) const { _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), v); }
+  // t[2i + k]: rows 2i, 2i+1 of columns 2L + k in lane L; then the same lane shuffles as for float.
+  static void transpose(VecAvx512 (&r)[8]) {
+    __m512d t[8];
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm512_unpacklo_pd(r[2 * i].v, r[2 * i + 1].v);
+      t[2 * i + 1] = _mm512_unpackhi_pd(r[2 * i].v, r[2 * i + 1].v);
+    }
+    for (int k = 0; k < 2; ++k) {
+      const __m512d v0 = _mm512_shuffle_f64x2(t[k], t[2 + k], 0x88), v1 = _mm512_shuffle_f64x2(t[k], t[2 + k], 0xDD);
+      const __m512d w0 = _mm512_shuffle_f64x2(t[4 + k], t[6 + k], 0x88), w1 = _mm512_shuffle_f64x2(t[4 + k], t[6 + k], 0xDD);
+      r[k].v = _mm512_shuffle_f64x2(v0, w0, 0x88);
+      r[4 + k].v = _mm512_shuffle_f64x2(v0, w0, 0xDD);
+      r[2 + k].v = _mm512_shuffle_f64x2(v1, w1, 0x88);
+      r[6 + k].v = _mm512_shuffle_f64x2(v1, w1, 0xDD);
+    }
   }
   friend double reduce_add(VecAvx512 a) { return _mm512_reduce_add_pd(a.v); }
   friend double reduce_max(VecAvx512 a) { return _mm512_reduce_max_pd(a.v); }

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <type_traits>
 
 #ifndef FASTATTN_CPU_ISA
@@ -37,6 +38,16 @@ struct VecGeneric {
     VecGeneric r = zero();
     for (int i = 0; i < n; ++i) r.v[i] = p[i];
     return r;
+  }
+
+  // Writes the first n lanes to p (0 <= n <= N); touches nothing past p + n.
+  void store_partial(T* p, int n) const {
+    for (int i = 0; i < n; ++i) p[i] = v[i];
+  }
+  // rows[i][j] <-> rows[j][i]: a square block of N x N elements, one row per vector.
+  static void transpose(VecGeneric (&rows)[N]) {
+    for (int i = 0; i < N; ++i)
+      for (int j = i + 1; j < N; ++j) std::swap(rows[i].v[j], rows[j].v[i]);
   }
 
   friend VecGeneric operator+(VecGeneric a, VecGeneric b) { return {a.v + b.v}; }
