@@ -27,6 +27,9 @@ namespace fastattn::FASTATTN_CPU_ISA {
 struct Decode {
   static constexpr int64_t kMaxRows = 16;      // query rows one work item serves
   static constexpr int64_t kSplitKeys = 512;  // keys per work item
+  // K and V rows are requested this many keys ahead: decode waits on memory, and the hardware
+  // prefetcher alone left 10-20% of the streaming-read bandwidth unused (measured: 32 > 64 > 128).
+  static constexpr int64_t kPrefetchKeys = 32;
 };
 
 // The rows of one work item: row r is query r % seqlen_q of the group's head r / seqlen_q.
@@ -153,6 +156,11 @@ void decode_split(const AttentionParams& p, const HeadViews<typename V::value_ty
 
   for (int64_t chunk = key_begin; chunk < key_end; chunk += W) {
     const int keys = static_cast<int>(std::min<int64_t>(W, key_end - chunk));
+    const int64_t ahead = chunk + Decode::kPrefetchKeys;
+    for (int64_t j = ahead; j < std::min(key_end, ahead + W); ++j) {
+      for (int64_t d = 0; d < E; d += 64 / sizeof(T)) __builtin_prefetch(&k(j, d));
+      for (int64_t e = 0; e < Ev; e += 64 / sizeof(T)) __builtin_prefetch(&v(j, e));
+    }
     for (int64_t r = 0; r < shape.rows; ++r) {
       const HeadViews<T>& h = heads[r / L];
       const int64_t query = r % L;
