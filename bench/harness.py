@@ -33,9 +33,11 @@ REFERENCE_MAX_SCORES = 3e7
 # timed meanwhile would share the cores with them.
 IDLE_SECONDS = 0.25
 
-# A call shorter than this is repeated inside one sample, so timer resolution and thread
-# wake-up do not dominate the measurement.
-MIN_SAMPLE_SECONDS = 0.02
+# A call shorter than this is repeated inside one sample, so timer resolution, thread wake-up and
+# the clock's ramp after the idle pause do not dominate the measurement (here the first call after
+# the pause ran 15-25% slower than the fifth, for every implementation). A 2048^3 GEMM, the
+# ceiling, lasts about this long in one call, so short shapes are now sampled as it is.
+MIN_SAMPLE_SECONDS = 0.1
 
 PEERS = ["torch", "reference"]
 EXTRA_PEERS = ["torch-math", "numpy-naive"]  # compare.py --peers
