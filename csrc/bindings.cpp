@@ -5,8 +5,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
+#include <vector>
 
 #include "cpu/dispatch.h"
 #include "params.h"
@@ -45,6 +48,29 @@ void check_shape(const py::array& a, const char* name, const py::array& q, int64
     fail(std::string(name) + " has the wrong head, row or column count");
 }
 
+// An array of the batch dims followed by `tail` (heads, then rows), e.g. ALiBi slopes [batch..., Hq]:
+// checks its shape against q's and returns its element strides (tail dims in .head, then .row).
+Strides tail_strides(const py::array& a, const char* name, const py::array& q, std::initializer_list<int64_t> tail) {
+  const auto batch_ndim = q.ndim() - 3;
+  if (a.ndim() != batch_ndim + static_cast<py::ssize_t>(tail.size()))
+    fail(std::string(name) + " must have q's batch dims followed by " + std::to_string(tail.size()) + " dims");
+  for (py::ssize_t d = 0; d < batch_ndim; ++d)
+    if (a.shape(d) != q.shape(d)) fail(std::string(name) + " batch dims must equal q's");
+  py::ssize_t d = batch_ndim;
+  for (const int64_t size : tail)
+    if (a.shape(d++) != size) fail(std::string(name) + " has the wrong head or row count");
+  const auto itemsize = a.itemsize();
+  if (reinterpret_cast<std::uintptr_t>(a.data()) % itemsize != 0)
+    fail(std::string(name) + " is not aligned to its element size");
+  Strides s{};
+  int64_t* tail_stride[] = {&s.head, &s.row};
+  for (d = 0; d < a.ndim(); ++d) {
+    if (a.strides(d) % itemsize != 0) fail(std::string(name) + " has a stride that is not a multiple of its element size");
+    (d < batch_ndim ? s.batch[d] : *tail_stride[d - batch_ndim]) = a.strides(d) / itemsize;
+  }
+  return s;
+}
+
 DType dtype_of(const py::array& a, const char* name) {
   if (a.dtype().is(py::dtype::of<float>())) return DType::float32;
   if (a.dtype().is(py::dtype::of<double>())) return DType::float64;
@@ -53,8 +79,13 @@ DType dtype_of(const py::array& a, const char* name) {
 
 // q [batch..., Hq, L, E], k [batch..., Hk, S, E], v [batch..., Hv, S, Ev], out [batch..., Hq, L, Ev],
 // mask None or [batch..., Hq, L, S] (bool, float32 or float64; zero strides for broadcast dims).
+// window sides < 0 are unbounded; causal caps the right side at 0. alibi_slopes None or float64
+// [batch..., Hq]; kv_lengths None or int64 [batch...], each in [0, S]; lse None or [batch..., Hq, L]
+// of out's dtype.
 void attention_forward_py(const py::array& q, const py::array& k, const py::array& v, py::array& out,
-                          const py::object& mask, double scale, bool causal, int num_threads) {
+                          const py::object& mask, double scale, bool causal, int num_threads,
+                          bool align_bottom_right, int64_t window_left, int64_t window_right, double softcap,
+                          const py::object& alibi_slopes, const py::object& kv_lengths, const py::object& lse) {
   const auto ndim = q.ndim();
   if (ndim < 3 || ndim > 3 + kMaxBatchDims)
     fail("q must have between 3 and " + std::to_string(3 + kMaxBatchDims) + " dims");
@@ -105,7 +136,46 @@ void attention_forward_py(const py::array& q, const py::array& k, const py::arra
   }
 
   p.scale = scale;
-  p.causal = causal;
+  p.align_bottom_right = align_bottom_right;
+  p.window_left = window_left < 0 ? -1 : window_left;
+  p.window_right = window_right < 0 ? -1 : window_right;
+  if (causal) p.window_right = p.window_right < 0 ? 0 : std::min<int64_t>(p.window_right, 0);
+  if (!(softcap >= 0)) fail("softcap must be positive (0 for none)");
+  p.softcap = softcap;
+  if (!alibi_slopes.is_none()) {
+    auto a = py::reinterpret_borrow<py::array>(alibi_slopes);
+    if (!a.dtype().is(py::dtype::of<double>())) throw py::type_error("alibi_slopes must be float64");
+    p.alibi_strides = tail_strides(a, "alibi_slopes", q, {p.num_heads_q});
+    p.alibi_slopes = static_cast<const double*>(a.data());
+  }
+  if (!kv_lengths.is_none()) {
+    auto a = py::reinterpret_borrow<py::array>(kv_lengths);
+    if (!a.dtype().is(py::dtype::of<int64_t>())) throw py::type_error("kv_lengths must be int64");
+    p.kv_lengths_strides = tail_strides(a, "kv_lengths", q, {});
+    p.kv_lengths = static_cast<const int64_t*>(a.data());
+    // Every length must lie in [0, S]: the kernels read keys below it.
+    std::vector<int64_t> index(p.batch_ndim, 0);
+    bool more = true;
+    for (int d = 0; d < p.batch_ndim; ++d) more = more && p.batch_shape[d] > 0;
+    while (more) {
+      int64_t offset = 0;
+      for (int d = 0; d < p.batch_ndim; ++d) offset += index[d] * p.kv_lengths_strides.batch[d];
+      const int64_t length = p.kv_lengths[offset];
+      if (length < 0 || length > p.seqlen_k) fail("kv_lengths must lie in [0, S]");
+      more = false;
+      for (int d = p.batch_ndim - 1; d >= 0 && !more; --d) {
+        if (++index[d] < p.batch_shape[d]) more = true;
+        else index[d] = 0;
+      }
+    }
+  }
+  if (!lse.is_none()) {
+    auto a = py::reinterpret_borrow<py::array>(lse);
+    if (dtype_of(a, "lse") != p.dtype) throw py::type_error("lse must have out's dtype");
+    if (!a.writeable()) fail("lse must be writeable");
+    p.lse_strides = tail_strides(a, "lse", q, {p.num_heads_q, p.seqlen_q});
+    p.lse_ptr = a.mutable_data();
+  }
   if (num_threads < 1) fail("num_threads must be at least 1");
   p.num_threads = num_threads;
 
@@ -121,6 +191,9 @@ PYBIND11_MODULE(_core, m) {
   // noconvert: a list or a wrong dtype is an error here, never a silent copy.
   m.def("attention_forward", &fastattn::attention_forward_py, py::arg("q").noconvert(),
         py::arg("k").noconvert(), py::arg("v").noconvert(), py::arg("out").noconvert(), py::arg("mask"), py::arg("scale"), py::arg("causal"), py::arg("num_threads"),
+        py::kw_only(), py::arg("align_bottom_right") = false, py::arg("window_left") = -1,
+        py::arg("window_right") = -1, py::arg("softcap") = 0.0, py::arg("alibi_slopes") = py::none(),
+        py::arg("kv_lengths") = py::none(), py::arg("lse") = py::none(),
         "Writes softmax(q k^T * scale + mask) v into out. Arguments must be validated by fastattn.api.");
   m.def("supported_isas", &fastattn::supported_isas, "Kernel ISAs this CPU can run, best last.");
   m.def("current_isa", &fastattn::current_isa, "The kernel ISA in use.");

@@ -45,7 +45,22 @@ struct AttentionParams {
   Strides mask_strides;  // [batch..., head, query row, key]
 
   double scale;  // multiplies q k^T before the mask is added
-  bool causal;   // key j visible to query i iff j <= i (top-left diagonal)
+
+  // Which keys row i sees (fastattn/reference.py draws them): with d(i) = i + (align_bottom_right ?
+  // seqlen_k_b - seqlen_q : 0), key j is visible iff j < seqlen_k_b, d(i) - window_left <= j and
+  // j <= d(i) + window_right, where a negative window side is unbounded. causal is window_right = 0,
+  // folded in by the binding.
+  bool align_bottom_right;
+  int64_t window_left, window_right;
+  const int64_t* kv_lengths;  // seqlen_k_b per batch element (batch strides below), or null: seqlen_k
+  Strides kv_lengths_strides;
+
+  double softcap;               // > 0: a score s becomes softcap * tanh(s / softcap), before bias and mask
+  const double* alibi_slopes;   // [batch..., Hq] or null: adds -slope * |d(i) - j|
+  Strides alibi_strides;        // batch and head
+
+  void* lse_ptr;  // [batch..., Hq, L] of the output dtype, or null: log-sum-exp of each row's scores
+  Strides lse_strides;  // batch, head, and row (in .row)
 
   int32_t num_threads;
 };

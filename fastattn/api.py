@@ -166,8 +166,108 @@ def _check_causal(causal, names):
     return bool(causal)
 
 
-def _attention(q, k, v, mask, causal, scale, names):
-    if any(is_device_array(x) for x in (q, k, v, mask)):
+_ALIGNS = ("top_left", "bottom_right")
+
+
+class _Variants(NamedTuple):
+    """fastattn.attention's keywords beyond the drop-in's, checked; the defaults change nothing."""
+    align: str = "top_left"
+    window: tuple = (-1, -1)  # (left, right), -1 = unbounded
+    softcap: float = 0.0  # 0 = none
+    alibi_slopes: object = None  # float64, broadcast to batch + (Hq,)
+    kv_lengths: object = None  # int64, broadcast to the batch shape
+    return_lse: bool = False
+    out: object = None
+
+    @property
+    def is_default(self):
+        return self == _Variants()
+
+
+def _check_window(window):
+    if window is None:
+        return (-1, -1)
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window must be a pair (left, right) or None, got {window!r}")
+    sides = []
+    for side, name in zip(window, ("left", "right")):
+        if side is None:
+            side = -1
+        if isinstance(side, bool) or not isinstance(side, (int, np.integer)):
+            raise TypeError(f"window {name} side must be an int or None, got {type(side).__name__}")
+        sides.append(max(int(side), -1))
+    return tuple(sides)
+
+
+def _check_softcap(softcap):
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, Real):
+        raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be positive and finite, got {softcap}")
+    return float(softcap)
+
+
+def _check_alibi_slopes(slopes, layout):
+    """(Hq,) or batch + (Hq,), any real float dtype; read as float64 (a parameter vector, not data)."""
+    if slopes is None:
+        return None
+    if not isinstance(slopes, np.ndarray):
+        raise TypeError(f"alibi_slopes must be a NumPy array, got {type(slopes).__name__}")
+    if slopes.dtype.kind != "f":
+        raise TypeError(f"alibi_slopes must have a float dtype, got {slopes.dtype}")
+    target = layout.batch + (layout.heads_q,)
+    if slopes.shape not in ((layout.heads_q,), target):
+        raise ValueError(f"alibi_slopes has shape {slopes.shape}; expected ({layout.heads_q},) or {target} "
+                         f"(batch..., query heads)")
+    if not np.isfinite(slopes).all():
+        raise ValueError("alibi_slopes must be finite")
+    return np.broadcast_to(slopes.astype(np.float64), target)
+
+
+def _check_kv_lengths(kv_lengths, layout):
+    """The batch shape ((B,) for 4-D inputs), integers in [0, S]; read as int64."""
+    if kv_lengths is None:
+        return None
+    if not isinstance(kv_lengths, np.ndarray):
+        raise TypeError(f"kv_lengths must be a NumPy array, got {type(kv_lengths).__name__}")
+    if kv_lengths.dtype.kind not in "iu":
+        raise TypeError(f"kv_lengths must have an integer dtype, got {kv_lengths.dtype}")
+    if kv_lengths.shape != layout.batch:
+        raise ValueError(f"kv_lengths has shape {kv_lengths.shape}; expected the batch shape {layout.batch} "
+                         f"(one length per batch element)")
+    if kv_lengths.size and (kv_lengths.min() < 0 or kv_lengths.max() > layout.seqlen_k):
+        raise ValueError(f"kv_lengths must lie in [0, {layout.seqlen_k}] (the keys of k), got values from "
+                         f"{kv_lengths.min()} to {kv_lengths.max()}")
+    return kv_lengths.astype(np.int64)
+
+
+def _check_out(out, shape, dtype, inputs):
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array or None, got {type(out).__name__}")
+    if out.shape != shape:
+        raise ValueError(f"out has shape {out.shape}; the result has shape {shape}")
+    if out.dtype != dtype:
+        raise ValueError(f"out has dtype {out.dtype}; the result has dtype {dtype}")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    if not out.dtype.isnative or not out.flags.aligned:
+        raise ValueError("out must be aligned and in native byte order")
+    for x, name in inputs:
+        if x is not None and np.shares_memory(out, x, max_work=1000):
+            raise ValueError(f"out overlaps {name}; the inputs must stay intact while out is written")
+    return out
+
+
+def _attention(q, k, v, mask, causal, scale, names, variants=_Variants()):
+    if any(is_device_array(x) for x in (q, k, v, mask, variants.out)):
+        if not variants.is_default:
+            raise NotImplementedError(
+                "align, window, softcap, alibi_slopes, kv_lengths, return_lse and out are CPU-only so far; "
+                "the GPU kernel computes plain (causal, masked) attention")
         from .cuda import dispatch  # imports numba-cuda, only for callers that hold GPU arrays
 
         return dispatch.attention(q, k, v, mask, causal, scale, names)
@@ -194,29 +294,61 @@ def _attention(q, k, v, mask, causal, scale, names):
             raise ValueError(f"{names.mask} must be aligned and in native byte order")
         mask = np.broadcast_to(mask, _mask_target(mask.shape, layout, names))  # broadcast dims: stride 0
 
+    if variants.align not in _ALIGNS:
+        raise ValueError(f"align must be one of {_ALIGNS}, got {variants.align!r}")
+    window = _check_window(variants.window)
+    softcap = _check_softcap(variants.softcap)
+    slopes = _check_alibi_slopes(variants.alibi_slopes, layout)
+    kv_lengths = _check_kv_lengths(variants.kv_lengths, layout)
+    if not isinstance(variants.return_lse, (bool, np.bool_)):
+        raise TypeError(f"return_lse must be a bool, got {type(variants.return_lse).__name__}")
+
     batch = layout.batch
-    out = np.empty(batch + (layout.heads_q, layout.seqlen_q, layout.head_dim_v), dtype=q.dtype)
-    if out.size > 0:
+    out_shape = batch + (layout.heads_q, layout.seqlen_q, layout.head_dim_v)
+    out = _check_out(variants.out, out_shape if ndim_out > 2 else out_shape[1:], q.dtype,
+                     ((q, names.q), (k, names.k), (v, names.v), (mask, names.mask)))
+    result = np.empty(out_shape, dtype=q.dtype) if out is None else out if ndim_out > 2 else out[np.newaxis]
+    lse = np.empty(batch + (layout.heads_q, layout.seqlen_q), dtype=q.dtype) if variants.return_lse else None
+    if math.prod(batch) * layout.heads_q * layout.seqlen_q > 0:
         _core.attention_forward(
             np.broadcast_to(q, batch + q.shape[-3:]),
             np.broadcast_to(k, batch + k.shape[-3:]),
             np.broadcast_to(v, batch + v.shape[-3:]),
-            out, mask, scale, causal, _num_threads)
-    return out if ndim_out > 2 else out[0]
+            result, mask, scale, causal, _num_threads,
+            align_bottom_right=variants.align == "bottom_right", window_left=window[0], window_right=window[1],
+            softcap=softcap, alibi_slopes=slopes, kv_lengths=kv_lengths, lse=lse)
+    if out is None:
+        out = result if ndim_out > 2 else result[0]
+    if not variants.return_lse:
+        return out
+    return out, lse if ndim_out > 2 else lse[0]
 
 
-def attention(q, k, v, mask=None, *, causal=False, scale=None):
+def attention(q, k, v, mask=None, *, causal=False, scale=None, align="top_left", window=None, softcap=None,
+              alibi_slopes=None, kv_lengths=None, return_lse=False, out=None):
     """softmax(q k^T * scale + mask) v, fused: the L x S score matrix is never stored.
 
     q (..., Hq, L, E), k (..., Hk, S, E), v (..., Hk, S, Ev); float32 or float64, any strides.
     Batch dims broadcast. Query head h uses key/value head h // (Hq // Hk) (grouped-query attention).
     mask: bool (True = may attend) or float (added to the scaled scores), broadcastable to
-    (..., Hq, L, S). causal: query i sees key j iff j <= i (top-left, as in PyTorch), together
-    with the mask if both are given. scale defaults to 1 / sqrt(E). A row with no visible key
-    gives zeros. Returns a new C-contiguous array (..., Hq, L, Ev) of q's dtype.
-    See fastattn.reference for the drawn masks.
+    (..., Hq, L, S). scale defaults to 1 / sqrt(E). A row with no visible key gives zeros.
+    fastattn.reference draws every rule below.
+
+    align: "top_left" (PyTorch) puts row i's diagonal at key d(i) = i, "bottom_right"
+    (FlashAttention, KV caches) at i + S - L. causal: key j visible iff j <= d(i).
+    window=(left, right): key j visible iff d(i) - left <= j <= d(i) + right; None or a negative
+    side is unbounded; causal caps right at 0. Keys outside every row's window cost nothing.
+    softcap=c: scores become c * tanh(scores / c) after scaling, before ALiBi and the mask.
+    alibi_slopes (Hq,) or (..., Hq), float: adds -slope * |d(i) - j| (read as float64).
+    kv_lengths, the batch shape ((B,) for 4-D inputs), integers in [0, S]: keys j >= kv_lengths[b]
+    do not exist for batch element b; bottom_right then uses kv_lengths[b] for S.
+    return_lse: also return the natural log-sum-exp of each row's scores, (..., Hq, L) of q's
+    dtype, -inf for a row with no visible key (fastattn.merge_states combines such results).
+    out: an array of the result's shape and dtype, any strides, not overlapping an input, written
+    and returned instead of a new C-contiguous array.
     """
-    return _attention(q, k, v, mask, causal, scale, _ATTENTION_NAMES)
+    variants = _Variants(align, window, softcap, alibi_slopes, kv_lengths, return_lse, out)
+    return _attention(q, k, v, mask, causal, scale, _ATTENTION_NAMES, variants)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,

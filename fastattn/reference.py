@@ -37,7 +37,8 @@ top-left, L = S = 4::
     i=2  . x x .
     i=3  . . x x
 
-``kv_lengths[b]`` (one per batch element) removes keys ``j >= kv_lengths[b]``; with
+``kv_lengths[b]`` (one per batch element) removes keys ``j >= kv_lengths[b]``: they do not
+exist, so whatever k and v hold there (a cache's unused tail) never matters. With
 ``bottom_right`` the diagonal is ``i + kv_lengths[b] - L``.
 
 The score of a visible key is ``s = (q . k) * scale``, then ``softcap * tanh(s / softcap)`` when
@@ -108,5 +109,7 @@ def attention(q, k, v, mask=None, *, causal=False, scale=None, align="top_left",
     with np.errstate(invalid="ignore", divide="ignore"):
         weights = np.where(row_sum == 0, 0, weights / row_sum)  # a NaN row stays NaN
         lse = (np.log(row_sum) + row_max)[..., 0]  # log 0 = -inf for rows with no visible key
+    if kv_lengths is not None:  # keys past a length do not exist: whatever v holds there is never read
+        v = np.where((keys < lengths)[..., 0, :, None], v, 0)
     out = weights @ v
     return (out, lse) if return_lse else out

@@ -67,10 +67,11 @@ def make_mask(rng, shape, dtype):
     return bool_mask(rng, shape) if dtype is bool else float_mask(rng, shape).astype(dtype)
 
 
-def attention_in(dtype, q, k, v, mask=None, causal=False, scale=None):
+def attention_in(dtype, q, k, v, mask=None, causal=False, scale=None, **variants):
     """The reference's math evaluated in `dtype`: in float32 the naive implementation a kernel's
-    error is compared with; in np.longdouble the exact answer a float64 kernel is measured against."""
-    return reference.attention(q, k, v, mask, causal=causal, scale=scale, dtype=dtype)
+    error is compared with; in np.longdouble the exact answer a float64 kernel is measured against.
+    variants: fastattn.attention's other keywords (align, window, ...)."""
+    return reference.attention(q, k, v, mask, causal=causal, scale=scale, dtype=dtype, **variants)
 
 
 def assert_within_naive_error(out, exact, naive):
@@ -106,7 +107,7 @@ def check_against_reference(out, q, k, v, mask=None, causal=False, scale=None):
     assert_accurate(out, q, k, v, mask, causal, scale)
 
 
-def assert_accurate(out, q, k, v, mask=None, causal=False, scale=None):
+def assert_accurate(out, q, k, v, mask=None, causal=False, scale=None, **variants):
     """Compare out's shape and values with fastattn.reference, the spec.
 
     float32 results are held to the float32 naive implementation's error against the float64
@@ -114,10 +115,10 @@ def assert_accurate(out, q, k, v, mask=None, causal=False, scale=None):
     exact answer is the same math in extended precision (np.longdouble).
     """
     q = np.asarray(q)
-    ref = reference.attention(q, k, v, mask, causal=causal, scale=scale)
+    ref = reference.attention(q, k, v, mask, causal=causal, scale=scale, **variants)
     assert out.shape == ref.shape
     if q.dtype == np.float32:
-        exact, naive = ref, attention_in(np.float32, q, k, v, mask, causal, scale)
+        exact, naive = ref, attention_in(np.float32, q, k, v, mask, causal, scale, **variants)
     else:
-        exact, naive = attention_in(np.longdouble, q, k, v, mask, causal, scale), ref
+        exact, naive = attention_in(np.longdouble, q, k, v, mask, causal, scale, **variants), ref
     assert_within_naive_error(out, exact, naive)

@@ -119,7 +119,7 @@ void run_decode(const AttentionParams& p) {
       for (int64_t g = 0; g < shape.group_heads; ++g)
         heads[g] = head_views<T>(p, batch, group * shape.group_heads + g);
       const int64_t key_begin = split * Decode::kSplitKeys;
-      const int64_t key_end = std::min(shape.key_end, key_begin + Decode::kSplitKeys);
+      const int64_t key_end = std::min(p.seqlen_k, key_begin + Decode::kSplitKeys);
       decode_split<V, MaskT>(p, heads, shape, key_begin, key_end, scratch, states.data() + item * split_stride);
     }
     // After a failed allocation some splits were never computed: merge nothing, report below.
@@ -133,7 +133,7 @@ void run_decode(const AttentionParams& p) {
       const int64_t head = group * shape.group_heads + row / p.seqlen_q;
       const T* first_split = states.data() + (batch_flat * groups + group) * shape.splits * split_stride;
       merge_splits<T>(first_split + row * (2 + p.head_dim_v), shape.splits, split_stride, p.head_dim_v,
-                      head_views<T>(p, batch, head).out, row % p.seqlen_q);
+                      head_views<T>(p, batch, head), row % p.seqlen_q);
     }
   }
   if (out_of_memory) throw std::bad_alloc();

@@ -32,15 +32,14 @@ struct Decode {
   static constexpr int64_t kPrefetchKeys = 32;
 };
 
-// The rows of one work item: row r is query r % seqlen_q of the group's head r / seqlen_q.
-// Under causal (top-left) no row sees a key past seqlen_q - 1, so only keys < key_end are split.
+// The rows of one work item: row r is query r % seqlen_q of the group's head r / seqlen_q. The keys
+// are split evenly whatever the rows see; a split outside every row's window costs nothing.
 struct DecodeShape {
-  int64_t group_heads, rows, key_end, splits;
+  int64_t group_heads, rows, splits;
   explicit DecodeShape(const AttentionParams& p)
       : group_heads(std::gcd(p.num_heads_q / p.num_heads_k, p.num_heads_q / p.num_heads_v)),
         rows(group_heads * p.seqlen_q),
-        key_end(p.causal ? std::min(p.seqlen_k, p.seqlen_q) : p.seqlen_k),
-        splits(std::max<int64_t>(1, (key_end + Decode::kSplitKeys - 1) / Decode::kSplitKeys)) {}
+        splits(std::max<int64_t>(1, (p.seqlen_k + Decode::kSplitKeys - 1) / Decode::kSplitKeys)) {}
   int64_t groups(const AttentionParams& p) const { return p.num_heads_q / group_heads; }
 };
 
@@ -67,14 +66,19 @@ struct DecodeScratch {
   T* q;       // [rows][q_stride], pre-scaled, zero-padded
   T* acc;     // [rows][acc_stride]
   T* scores;  // [W]
+  T* lane_index;  // [W]: 0, 1, 2, ...
 
   DecodeScratch(int64_t rows, int64_t head_dim, int64_t head_dim_v)
       : q_stride((head_dim + W - 1) / W * W),
         acc_stride((head_dim_v + W - 1) / W * W),
-        memory(rows * (q_stride + acc_stride) + W),
+        memory(rows * (q_stride + acc_stride) + 2 * W),
         q(memory.data()),
         acc(q + rows * q_stride),
-        scores(acc + rows * acc_stride) {}
+        scores(acc + rows * acc_stride),
+        lane_index(scores + W) {
+    if (ok())
+      for (int i = 0; i < W; ++i) lane_index[i] = static_cast<T>(i);
+  }
   bool ok() const { return memory.data() != nullptr; }
 };
 
@@ -154,6 +158,11 @@ void decode_split(const AttentionParams& p, const HeadViews<typename V::value_ty
     state.l() = T(0);
   }
 
+  // Only the keys some row sees (windows, causal, kv_lengths).
+  const KeyRange range = visible_keys(p, heads[0], 0, L - 1);
+  key_begin = std::max(key_begin, range.begin);
+  key_end = std::min(key_end, range.end);
+  const V cap = V::broadcast(static_cast<T>(p.softcap));
   for (int64_t chunk = key_begin; chunk < key_end; chunk += W) {
     const int keys = static_cast<int>(std::min<int64_t>(W, key_end - chunk));
     const int64_t ahead = chunk + Decode::kPrefetchKeys;
@@ -169,9 +178,18 @@ void decode_split(const AttentionParams& p, const HeadViews<typename V::value_ty
       int j = 0;
       for (; j + 4 <= keys; j += 4) score_keys_decode<V, 4>(q_row, k, chunk + j, E, s.scores + j);
       for (; j < keys; ++j) score_keys_decode<V, 1>(q_row, k, chunk + j, E, s.scores + j);
+      if (p.softcap > 0 || p.alibi_slopes) {
+        V x = V::load(s.scores);
+        if (p.softcap > 0) x = cap * tanh(x / cap);
+        if (p.alibi_slopes) {  // -slope * |d(i) - j|, j = chunk + lane
+          const V offset = V::load(s.lane_index) - V::broadcast(static_cast<T>(query + h.diagonal - chunk));
+          x = fmadd(max(offset, V::zero() - offset), V::broadcast(-h.alibi_slope), x);
+        }
+        x.store(s.scores);
+      }
       for (j = 0; j < W; ++j) {
         const int64_t key = chunk + j;
-        const bool visible = j < keys && !(p.causal && key > query);
+        const bool visible = j < keys && in_window(p, h.diagonal, query, key);
         s.scores[j] = visible ? apply_mask<MaskT>(s.scores[j], h, query, key) : neg_inf;
       }
       // Online softmax across the chunk's lanes; a row with no visible key yet subtracts 0.
@@ -203,10 +221,11 @@ void decode_split(const AttentionParams& p, const HeadViews<typename V::value_ty
 
 // Combines the splits of one row: out = sum_s acc_s e^(m_s - m) / sum_s l_s e^(m_s - m),
 // m = max_s m_s, in split order. Splits that saw no visible key (m_s = -inf) add nothing; a row
-// with none at all gives zeros.
+// with none at all gives zeros (and log-sum-exp -inf).
 template <class T>
 void merge_splits(const T* states, int64_t splits, int64_t split_stride, int64_t head_dim_v,
-                  const MatrixView<T>& out, int64_t query) {
+                  const HeadViews<T>& h, int64_t query) {
+  const MatrixView<T>& out = h.out;
   T m = -std::numeric_limits<T>::infinity();
   for (int64_t sp = 0; sp < splits; ++sp) m = std::max(m, RowState<const T>{states + sp * split_stride}.m());
   const T m_sub = m == -std::numeric_limits<T>::infinity() ? T(0) : m;
@@ -219,6 +238,7 @@ void merge_splits(const T* states, int64_t splits, int64_t split_stride, int64_t
     for (int64_t e = 0; e < head_dim_v; ++e) out(query, e) += state.acc()[e] * weight;
   }
   const T inv_l = l == T(0) ? T(0) : T(1) / l;
+  if (h.lse) h.lse[query * h.lse_row] = l == T(0) ? -std::numeric_limits<T>::infinity() : m_sub + std::log(l);
   for (int64_t e = 0; e < head_dim_v; ++e) out(query, e) *= inv_l;
 }
 

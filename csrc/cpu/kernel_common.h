@@ -2,6 +2,7 @@
 // aligned scratch memory. Compiled inside each ISA's namespace like everything in cpu/.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -24,14 +25,48 @@ struct MatrixView {
 };
 
 // Everything about one (batch element, query head): its q and out rows, the k and v heads it reads,
-// and its mask plane (element (i, j) at mask + i * mask_row + j * mask_col, in MaskT units).
+// its mask plane (element (i, j) at mask + i * mask_row + j * mask_col, in MaskT units), which keys
+// its rows see, its ALiBi slope and where its rows' log-sum-exp goes.
 template <class T>
 struct HeadViews {
   MatrixView<const T> q, k, v;
   MatrixView<T> out;
   const void* mask;
   int64_t mask_row, mask_col;
+  int64_t seqlen_k;   // keys of this batch element (kv_lengths); no key at or past it exists
+  int64_t diagonal;   // d(i) = i + diagonal
+  T alibi_slope;      // 0 without ALiBi
+  T* lse;             // null unless requested; row i at lse[i * lse_row]
+  int64_t lse_row;
 };
+
+// The keys [begin, end) seen by some row in [first_row, last_row]: d - window_left .. d + window_right,
+// within [0, seqlen_k). Rows see contiguous ranges that move right with the row.
+struct KeyRange {
+  int64_t begin, end;
+};
+
+template <class T>
+KeyRange visible_keys(const AttentionParams& p, const HeadViews<T>& h, int64_t first_row, int64_t last_row) {
+  int64_t begin = 0, end = h.seqlen_k;
+  if (p.window_left >= 0) begin = std::max<int64_t>(begin, first_row + h.diagonal - p.window_left);
+  if (p.window_right >= 0) end = std::min<int64_t>(end, last_row + h.diagonal + p.window_right + 1);
+  return {begin, std::max(begin, end)};
+}
+
+// Whether some row in [first_row, last_row] does not see some key in [key_begin, key_end) that the
+// range above includes: only such blocks need the per-row window test.
+inline bool window_cuts(const AttentionParams& p, int64_t diagonal, int64_t first_row, int64_t last_row,
+                        int64_t key_begin, int64_t key_end) {
+  return (p.window_left >= 0 && key_begin < last_row + diagonal - p.window_left) ||
+         (p.window_right >= 0 && key_end - 1 > first_row + diagonal + p.window_right);
+}
+
+// Whether row `query` sees `key` (a key < seqlen_k of its batch element).
+inline bool in_window(const AttentionParams& p, int64_t diagonal, int64_t query, int64_t key) {
+  const int64_t offset = key - (query + diagonal);  // key - d(i)
+  return (p.window_left < 0 || offset >= -p.window_left) && (p.window_right < 0 || offset <= p.window_right);
+}
 
 // Splits a flat batch index into the (broadcast) batch dims.
 struct BatchIndex {
@@ -73,6 +108,11 @@ HeadViews<T> head_views(const AttentionParams& p, const BatchIndex& b, int64_t h
                    : static_cast<const char*>(p.mask_ptr) + mask_item_size * offset_of(p, p.mask_strides, b, head);
   views.mask_row = p.mask_strides.row;
   views.mask_col = p.mask_strides.col;
+  views.seqlen_k = p.kv_lengths ? p.kv_lengths[offset_of(p, p.kv_lengths_strides, b, 0)] : p.seqlen_k;
+  views.diagonal = p.align_bottom_right ? views.seqlen_k - p.seqlen_q : 0;
+  views.alibi_slope = p.alibi_slopes ? static_cast<T>(p.alibi_slopes[offset_of(p, p.alibi_strides, b, head)]) : T(0);
+  views.lse = p.lse_ptr ? static_cast<T*>(p.lse_ptr) + offset_of(p, p.lse_strides, b, head) : nullptr;
+  views.lse_row = p.lse_strides.row;
   return views;
 }
 

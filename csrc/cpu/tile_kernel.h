@@ -8,6 +8,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -187,17 +188,49 @@ void mask_block(const HeadViews<typename V::value_type>& h, int64_t row_begin, i
   }
 }
 
-// Causal: lane r (query row_begin + r) cannot see key key_begin + j when r < key_begin + j - row_begin.
+// Softcap, then the ALiBi bias -slope * |d(i) - j|, on the rows' scores of one block. Lane r is
+// query row_begin + r, so d(i) - j = r - (j - row_begin - diagonal).
 template <class V, int R>
-void hide_future_keys(int64_t row_begin, int64_t key_begin, int keys, TileScratch<V>& s) {
+void transform_scores(const AttentionParams& p, const HeadViews<typename V::value_type>& h, int64_t row_begin,
+                      int64_t key_begin, int keys, TileScratch<V>& s) {
+  using T = typename V::value_type;
+  constexpr int W = V::size, M = Tile<V>::kBlockM;
+  const V cap = V::broadcast(static_cast<T>(p.softcap));
+  const V minus_slope = V::broadcast(-h.alibi_slope);
+  for (int j = 0; j < keys; ++j) {
+    const V delta = V::broadcast(static_cast<T>(key_begin + j - row_begin - h.diagonal));
+    for (int r = 0; r < R; ++r) {
+      T* scores = s.scores + j * M + r * W;
+      V x = V::load(scores);
+      if (p.softcap > 0) x = cap * tanh(x / cap);
+      if (p.alibi_slopes) {
+        const V offset = V::load(s.lane_index + r * W) - delta;
+        x = fmadd(max(offset, V::zero() - offset), minus_slope, x);
+      }
+      x.store(scores);
+    }
+  }
+}
+
+// -inf for the keys outside a row's window. Key j is visible to lane r (query row_begin + r) iff
+// delta - right <= r <= delta + left with delta = j - d(row_begin); the bounds are clamped to
+// [-1, BLOCK_M] so that they stay exact in T.
+template <class V, int R>
+void hide_outside_window(const AttentionParams& p, int64_t diagonal, int64_t row_begin, int64_t key_begin,
+                         int keys, TileScratch<V>& s) {
   using T = typename V::value_type;
   constexpr int W = V::size, M = Tile<V>::kBlockM;
   const V neg_inf = V::broadcast(-std::numeric_limits<T>::infinity());
+  auto lane_bound = [](int64_t bound) { return V::broadcast(static_cast<T>(std::clamp<int64_t>(bound, -1, M))); };
   for (int j = 0; j < keys; ++j) {
-    const V first_seeing_lane = V::broadcast(static_cast<T>(key_begin + j - row_begin));
+    const int64_t delta = key_begin + j - row_begin - diagonal;
+    const V first_lane = lane_bound(p.window_right >= 0 ? delta - p.window_right : -1);
+    const V last_lane = lane_bound(p.window_left >= 0 ? delta + p.window_left : M);
     for (int r = 0; r < R; ++r) {
       T* scores = s.scores + j * M + r * W;
-      V::select_less(V::load(s.lane_index + r * W), first_seeing_lane, neg_inf, V::load(scores)).store(scores);
+      const V lane = V::load(s.lane_index + r * W);
+      V x = V::select_less(lane, first_lane, neg_inf, V::load(scores));
+      V::select_less(last_lane, lane, neg_inf, x).store(scores);
     }
   }
 }
@@ -305,20 +338,26 @@ void attend_tile(const AttentionParams& p, const HeadViews<typename V::value_typ
   }
   for (int64_t i = 0; i < p.head_dim_v * M; ++i) s.acc[i] = T(0);
 
-  // Causal: the tile's last row sees keys up to row_begin + rows - 1; later blocks are skipped.
-  const int64_t key_end = p.causal ? std::min(p.seqlen_k, row_begin + rows) : p.seqlen_k;
-  for (int64_t key_begin = 0; key_begin < key_end; key_begin += N) {
-    const int keys = static_cast<int>(std::min<int64_t>(N, key_end - key_begin));
+  // Only the keys some row of the tile sees are scored (windows, causal, kv_lengths), and only
+  // blocks that some row's window cuts are masked per row.
+  const int64_t last_row = row_begin + rows - 1;
+  const KeyRange range = visible_keys(p, h, row_begin, last_row);
+  for (int64_t key_begin = range.begin; key_begin < range.end; key_begin += N) {
+    const int keys = static_cast<int>(std::min<int64_t>(N, range.end - key_begin));
     score_block<V, R>(h.k, key_begin, keys, p.head_dim, s);
-    // Only blocks with a key past the tile's first row cross the diagonal.
-    const bool crosses_diagonal = p.causal && key_begin + keys - 1 > row_begin;
+    if (p.softcap > 0 || p.alibi_slopes) transform_scores<V, R>(p, h, row_begin, key_begin, keys, s);
     if constexpr (!std::is_void_v<MaskT>) mask_block<V, MaskT>(h, row_begin, rows, key_begin, keys, s);
-    if (crosses_diagonal) hide_future_keys<V, R>(row_begin, key_begin, keys, s);
-    const bool may_hide = !std::is_void_v<MaskT> || crosses_diagonal;
+    const bool cut = window_cuts(p, h.diagonal, row_begin, last_row, key_begin, key_begin + keys);
+    if (cut) hide_outside_window<V, R>(p, h.diagonal, row_begin, key_begin, keys, s);
+    const bool may_hide = !std::is_void_v<MaskT> || cut;
     const bool rescale = may_hide ? softmax_block<V, R, true>(keys, s) : softmax_block<V, R, false>(keys, s);
     accumulate_block<V, R>(h.v, key_begin, keys, p.head_dim_v, rescale, s);
   }
 
+  if (h.lse)
+    for (int64_t r = 0; r < rows; ++r)
+      h.lse[(row_begin + r) * h.lse_row] = s.row_sum[r] == T(0) ? -std::numeric_limits<T>::infinity()
+                                                                  : s.row_max[r] + std::log(s.row_sum[r]);
   store_output_tile<V, R>(h.out, row_begin, rows, p.head_dim_v, s);
 }
 

@@ -63,6 +63,7 @@ struct VecAvx2<float> {
   friend VecAvx2 operator+(VecAvx2 a, VecAvx2 b) { return {_mm256_add_ps(a.v, b.v)}; }
   friend VecAvx2 operator-(VecAvx2 a, VecAvx2 b) { return {_mm256_sub_ps(a.v, b.v)}; }
   friend VecAvx2 operator*(VecAvx2 a, VecAvx2 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  friend VecAvx2 operator/(VecAvx2 a, VecAvx2 b) { return {_mm256_div_ps(a.v, b.v)}; }
   friend VecAvx2 fmadd(VecAvx2 a, VecAvx2 b, VecAvx2 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   static VecAvx2 select_less(VecAvx2 a, VecAvx2 b, VecAvx2 if_less, VecAvx2 otherwise) {
     return {_mm256_blendv_ps(otherwise.v, if_less.v, _mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ))};
@@ -116,6 +117,7 @@ struct VecAvx2<double> {
   friend VecAvx2 operator+(VecAvx2 a, VecAvx2 b) { return {_mm256_add_pd(a.v, b.v)}; }
   friend VecAvx2 operator-(VecAvx2 a, VecAvx2 b) { return {_mm256_sub_pd(a.v, b.v)}; }
   friend VecAvx2 operator*(VecAvx2 a, VecAvx2 b) { return {_mm256_mul_pd(a.v, b.v)}; }
+  friend VecAvx2 operator/(VecAvx2 a, VecAvx2 b) { return {_mm256_div_pd(a.v, b.v)}; }
   friend VecAvx2 fmadd(VecAvx2 a, VecAvx2 b, VecAvx2 c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
   static VecAvx2 select_less(VecAvx2 a, VecAvx2 b, VecAvx2 if_less, VecAvx2 otherwise) {
     return {_mm256_blendv_pd(otherwise.v, if_less.v, _mm256_cmp_pd(a.v, b.v, _CMP_LT_OQ))};

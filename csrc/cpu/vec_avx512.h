@@ -56,6 +56,7 @@ struct VecAvx512<float> {
   friend VecAvx512 operator+(VecAvx512 a, VecAvx512 b) { return {_mm512_add_ps(a.v, b.v)}; }
   friend VecAvx512 operator-(VecAvx512 a, VecAvx512 b) { return {_mm512_sub_ps(a.v, b.v)}; }
   friend VecAvx512 operator*(VecAvx512 a, VecAvx512 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  friend VecAvx512 operator/(VecAvx512 a, VecAvx512 b) { return {_mm512_div_ps(a.v, b.v)}; }
   friend VecAvx512 fmadd(VecAvx512 a, VecAvx512 b, VecAvx512 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
   static VecAvx512 select_less(VecAvx512 a, VecAvx512 b, VecAvx512 if_less, VecAvx512 otherwise) {
     return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ), otherwise.v, if_less.v)};
@@ -104,6 +105,7 @@ struct VecAvx512<double> {
   friend VecAvx512 operator+(VecAvx512 a, VecAvx512 b) { return {_mm512_add_pd(a.v, b.v)}; }
   friend VecAvx512 operator-(VecAvx512 a, VecAvx512 b) { return {_mm512_sub_pd(a.v, b.v)}; }
   friend VecAvx512 operator*(VecAvx512 a, VecAvx512 b) { return {_mm512_mul_pd(a.v, b.v)}; }
+  friend VecAvx512 operator/(VecAvx512 a, VecAvx512 b) { return {_mm512_div_pd(a.v, b.v)}; }
   friend VecAvx512 fmadd(VecAvx512 a, VecAvx512 b, VecAvx512 c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
   static VecAvx512 select_less(VecAvx512 a, VecAvx512 b, VecAvx512 if_less, VecAvx512 otherwise) {
     return {_mm512_mask_blend_pd(_mm512_cmp_pd_mask(a.v, b.v, _CMP_LT_OQ), otherwise.v, if_less.v)};

@@ -53,6 +53,7 @@ struct VecGeneric {
   friend VecGeneric operator+(VecGeneric a, VecGeneric b) { return {a.v + b.v}; }
   friend VecGeneric operator-(VecGeneric a, VecGeneric b) { return {a.v - b.v}; }
   friend VecGeneric operator*(VecGeneric a, VecGeneric b) { return {a.v * b.v}; }
+  friend VecGeneric operator/(VecGeneric a, VecGeneric b) { return {a.v / b.v}; }
   // a * b + c
   friend VecGeneric fmadd(VecGeneric a, VecGeneric b, VecGeneric c) { return {a.v * b.v + c.v}; }
   // Lane-wise a < b ? if_less : otherwise (false for NaN).
