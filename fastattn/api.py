@@ -170,18 +170,19 @@ _ALIGNS = ("top_left", "bottom_right")
 
 
 class _Variants(NamedTuple):
-    """fastattn.attention's keywords beyond the drop-in's, checked; the defaults change nothing."""
+    """fastattn.attention's keywords beyond the drop-in's, as the caller passed them; the defaults
+    change nothing."""
     align: str = "top_left"
-    window: tuple = (-1, -1)  # (left, right), -1 = unbounded
-    softcap: float = 0.0  # 0 = none
-    alibi_slopes: object = None  # float64, broadcast to batch + (Hq,)
-    kv_lengths: object = None  # int64, broadcast to the batch shape
+    window: object = None
+    softcap: object = None
+    alibi_slopes: object = None
+    kv_lengths: object = None
     return_lse: bool = False
     out: object = None
 
     @property
     def is_default(self):
-        return self == _Variants()
+        return all(x is y or (isinstance(y, str) and x == y) for x, y in zip(self, _Variants()))
 
 
 def _check_window(window):
