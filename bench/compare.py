@@ -5,7 +5,8 @@ timed and the script exits with status 1. The implementations then take turns (r
 the order rotating each repeat), one sample each after an idle pause, and the table reports the
 median sample. Between shapes the script also samples the machine's ceilings: a NumPy GEMM of
 2048^3 in the same dtype (sgemm or dgemm) and a streaming read of 256 MB with as many threads
-as fastattn. GFLOP/s count 4*B*Hq*L*S*D (halved for causal with L = S); decode shapes (L = 1)
+as fastattn. GFLOP/s count 4*B*Hq*L*S*D (halved for causal with L = S; for a sliding window, 4*B*Hq*D
+per visible score, and torch, which has no windows, gets the band as a mask); decode shapes (L = 1)
 also report the K+V bytes read per second. "vs X" is X's time over fastattn's: above 1.00x
 fastattn is faster. The last lines judge the issue's performance targets from this run; they
 inform and do not change the exit status.
@@ -59,6 +60,9 @@ CASES = [
     # a key tail past 3 x 64, odd head counts, head_dim not a power of two
     Case(2, 6, 6, 197, 197, 80, label="odd sizes"),
     Case(1, 5, 5, 1000, 1000, 72, causal=True, label="odd sizes"),
+    # a sliding window costs its band: compare with the full causal square of the same size
+    Case(1, 8, 8, 8192, 8192, 64, causal=True, window=512, label="sliding window"),
+    Case(1, 8, 8, 8192, 8192, 64, causal=True, label="full causal"),
 ]
 # N=512 both ways, BERT, both decode kinds, an odd size: one of each target in about a minute
 QUICK_CASES = [CASES[i] for i in (0, 1, 7, 9, 12, 13)]

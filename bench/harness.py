@@ -52,6 +52,7 @@ class Case:
     seqlen_k: int
     head_dim: int
     causal: bool = False
+    window: int | None = None  # with causal: each query also sees only the `window` keys before it
     label: str = dataclasses.field(default="", compare=False)  # "BERT-base", "decode", ...
 
     @property
@@ -60,12 +61,30 @@ class Case:
 
     @property
     def id(self):
-        return self.shape.replace(",", "x") + ("-causal" if self.causal else "")
+        return (self.shape.replace(",", "x") + ("-causal" if self.causal else "")
+                + (f"-window{self.window}" if self.window is not None else ""))
+
+    @property
+    def attention_kwargs(self):
+        """fastattn.attention's keywords for this case."""
+        return dict(causal=self.causal, window=None if self.window is None else (self.window, 0))
+
+    def visible(self, rows):
+        """Which keys the given query rows see: bool (len(rows), S), or None when all."""
+        if not self.causal:
+            return None
+        offset = np.arange(self.seqlen_k) - np.asarray(rows)[:, None]  # j - i
+        return (offset <= 0) & (offset >= -self.window if self.window is not None else True)
 
     @property
     def flops(self):
-        """QK^T and PV, 2*L*S*D each per head; causal with L == S needs half of the scores."""
-        flops = 4 * self.batch * self.heads_q * self.seqlen_q * self.seqlen_k * self.head_dim
+        """QK^T and PV, 2*D per visible score each; causal with L == S sees half of the scores, a
+        window of w keys about L * (w + 1)."""
+        per_score = 4 * self.batch * self.heads_q * self.head_dim
+        if self.window is not None:
+            seen = np.minimum(np.arange(self.seqlen_q), self.window) + 1
+            return per_score * int(seen.sum())
+        flops = per_score * self.seqlen_q * self.seqlen_k
         return flops // 2 if self.causal and self.seqlen_q == self.seqlen_k else flops
 
     @property
@@ -141,9 +160,9 @@ def runners(case, q, k, v, extra_peers=False):
     """A zero-argument callable per available implementation, each returning a NumPy array:
     fastattn and PEERS, plus EXTRA_PEERS if asked for."""
     found = {
-        "fastattn": lambda: fastattn.attention(q, k, v, causal=case.causal),
+        "fastattn": lambda: fastattn.attention(q, k, v, **case.attention_kwargs),
         # answers in the input's dtype like the others; the cast is small next to the scores
-        "reference": lambda: reference.attention(q, k, v, causal=case.causal).astype(q.dtype),
+        "reference": lambda: reference.attention(q, k, v, **case.attention_kwargs).astype(q.dtype),
     }
     if torch is not None:
         found["torch"] = torch_runner(case, q, k, v)
@@ -157,12 +176,15 @@ def runners(case, q, k, v, extra_peers=False):
 def torch_runner(case, q, k, v, backend=None):
     """torch SDPA on the same memory; `backend` pins one of its kernels, else torch chooses."""
     q_t, k_t, v_t = (torch.from_numpy(x) for x in (q, k, v))  # shares memory, no copy
+    # torch has no windows: what its users do is pass the band as a mask (and pay for all keys)
+    band = torch.from_numpy(case.visible(np.arange(case.seqlen_q))) if case.window is not None else None
 
     def run():
         pinned = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
         with torch.inference_mode(), pinned:
             out = F.scaled_dot_product_attention(
-                q_t, k_t, v_t, is_causal=case.causal, enable_gqa=case.heads_q != case.heads_kv
+                q_t, k_t, v_t, attn_mask=band, is_causal=case.causal and band is None,
+                enable_gqa=case.heads_q != case.heads_kv
             )
         return out.numpy()
 
@@ -177,8 +199,8 @@ def numpy_naive_runner(case, q, k, v):
     k_transposed = k[:, :, None].swapaxes(-1, -2)
     v_grouped = v[:, :, None]
     scale = q.dtype.type(1 / math.sqrt(case.head_dim))
-    hidden = np.triu(np.ones((case.seqlen_q, case.seqlen_k), dtype=bool), k=1)
-    causal_bias = np.where(hidden, -np.inf, 0).astype(q.dtype) if case.causal else None
+    visible = case.visible(np.arange(case.seqlen_q))
+    causal_bias = np.where(visible, 0, -np.inf).astype(q.dtype) if visible is not None else None
 
     def run():
         scores = q_grouped @ k_transposed
@@ -200,8 +222,7 @@ def expected_rows(case, q, k, v):
         count = int(REFERENCE_MAX_SCORES // (case.batch * case.heads_q * case.seqlen_k))
         rows = np.unique(np.linspace(0, case.seqlen_q - 1, max(count, 1)).round().astype(int))
     # `causal` would count the sampled rows from 0, so give the reference their own mask.
-    visible = rows[:, None] >= np.arange(case.seqlen_k) if case.causal else None
-    return rows, reference.attention(q[..., rows, :], k, v, mask=visible)
+    return rows, reference.attention(q[..., rows, :], k, v, mask=case.visible(rows))
 
 
 def max_error(output, q, rows, expected):

@@ -28,7 +28,7 @@ def table_rows(records, machine):
         case = Case(**record["case"])
         results = record["results"]
         row = [
-            case.label, case.shape, "yes" if case.causal else "no",
+            case.label, case.shape, causal_text(case),
             time_cell(results, "fastattn"),
             number_cell(results["fastattn"].get("gflops"), "{:.1f}"),
             number_cell(record["percent_of_gemm"], "{:.0f}%"),
@@ -127,4 +127,11 @@ def write_chart(path, title, records):
 
 def bar_name(record):
     case = Case(**record["case"])
-    return f"{case.label} {case.shape}{' causal' if case.causal else ''}".strip()
+    kind = {"no": "", "yes": " causal"}.get(causal_text(case), " " + causal_text(case))
+    return f"{case.label} {case.shape}{kind}".strip()
+
+
+def causal_text(case):
+    if not case.causal:
+        return "no"
+    return "yes" if case.window is None else f"window {case.window}"

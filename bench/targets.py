@@ -22,11 +22,16 @@ class Verdict:
 
 
 def judge(records, machine, dtype):
-    """One Verdict per target; in float64 the only target is beating torch on every shape."""
+    """One Verdict per target; in float64 the only target is beating torch on every shape. Sliding
+    windows (torch has none; it pays for a full band mask) are judged apart: their cost against
+    the full causal square of the same size."""
+    windows = [r for r in records if Case(**r["case"]).window is not None]
+    records = [r for r in records if Case(**r["case"]).window is None]
     speedups = [(r["speedup"]["torch"], r) for r in records if "torch" in r["speedup"]]
+    window_verdicts = [window_cost(w, records) for w in windows]
     if dtype == "float64":
         goal = "faster than torch float64 on every shape"
-        return [lowest(goal, speedups, MIN_SPEEDUP, "{:.2f}x")]
+        return [lowest(goal, speedups, MIN_SPEEDUP, "{:.2f}x")] + window_verdicts
 
     gemm = f"{machine['gemm']['name']} ({machine['gemm']['gflops']:.0f} GFLOP/s)"
     read = f"the streaming read ({machine['read']['gbps']:.1f} GB/s)"
@@ -43,7 +48,24 @@ def judge(records, machine, dtype):
         lowest(f"BERT/ViT >= {MODEL_SPEEDUP}x torch",
                [(s, r) for s, r in speedups if is_bert_or_vit(r)], MODEL_SPEEDUP, "{:.2f}x"),
         lowest(f"decode >= {PERCENT_OF_READ}% of {read}", decode, PERCENT_OF_READ, "{:.0f}%"),
-    ]
+    ] + window_verdicts
+
+
+def window_cost(window, records):
+    """A sliding window should cost about its share of the full causal square's work (at most
+    1.5x that share: the tiles along the band's edges are partly wasted)."""
+    case = Case(**window["case"])
+    goal = f"window {case.window} at L=S={case.seqlen_q} costs its band, not the causal square"
+    full = [r for r in records if Case(**r["case"]) == dataclasses.replace(case, window=None)]
+    if not full:
+        return Verdict("n/a", goal, "the full causal case was not timed")
+    window_ms, full_ms = window["results"]["fastattn"]["median_ms"], full[0]["results"]["fastattn"]["median_ms"]
+    if not (window_ms and full_ms):
+        return Verdict("n/a", goal, "fastattn was not timed on both")
+    share = case.flops / dataclasses.replace(case, window=None).flops
+    cost = window_ms / full_ms
+    status = "PASS" if cost <= 1.5 * share else "MISS"
+    return Verdict(status, goal, f"{cost:.1%} of the full causal time for {share:.1%} of its scores")
 
 
 def geometric_mean(speedups):
