@@ -56,17 +56,17 @@ def occupancy(arch, registers, shared, threads):
 
 def check(task):
     """Compile one specialisation for one arch and assemble it; returns a result row."""
-    arch, (dtype, bucket, mask_kind, mask_dtype, causal), ptxas, folder = task
+    arch, (dtype, bucket, mask_kind, mask_dtype, windowed), ptxas, folder = task
     from numba import cuda
 
     from fastattn.cuda import kernel
 
     config = kernel.TILE_CONFIGS[bucket]
     threads = kernel.threads_per_block(config)
-    function = kernel.make_attention_kernel(config, mask_kind, causal, mask_dtype)
+    function = kernel.make_attention_kernel(config, mask_kind, windowed, mask_dtype)
     ptx, _ = cuda.compile_ptx(function, kernel.kernel_signature(dtype, mask_dtype), cc=ARCHS[arch]["cc"],
                               launch_bounds=kernel.launch_bounds(config))
-    name = f"{dtype}_d{bucket}_{mask_kind}{'_' + mask_dtype if mask_kind == 'additive' else ''}{'_causal' if causal else ''}"
+    name = f"{dtype}_d{bucket}_{mask_kind}{'_' + mask_dtype if mask_kind == 'additive' else ''}{'_windowed' if windowed else ''}"
     path = os.path.join(folder, f"{name}_{arch}.ptx")
     with open(path, "w") as f:
         f.write(ptx)

@@ -180,10 +180,6 @@ class _Variants(NamedTuple):
     return_lse: bool = False
     out: object = None
 
-    @property
-    def is_default(self):
-        return all(x is y or (isinstance(y, str) and x == y) for x, y in zip(self, _Variants()))
-
 
 def _check_window(window):
     if window is None:
@@ -265,13 +261,9 @@ def _check_out(out, shape, dtype, inputs):
 
 def _attention(q, k, v, mask, causal, scale, names, variants=_Variants()):
     if any(is_device_array(x) for x in (q, k, v, mask, variants.out)):
-        if not variants.is_default:
-            raise NotImplementedError(
-                "align, window, softcap, alibi_slopes, kv_lengths, return_lse and out are CPU-only so far; "
-                "the GPU kernel computes plain (causal, masked) attention")
         from .cuda import dispatch  # imports numba-cuda, only for callers that hold GPU arrays
 
-        return dispatch.attention(q, k, v, mask, causal, scale, names)
+        return dispatch.attention(q, k, v, mask, causal, scale, names, variants)
 
     ndim_out = max(np.ndim(q), np.ndim(k), np.ndim(v))
     q = _check_array(q, names.q)

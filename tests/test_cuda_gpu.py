@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import cuda_sim_variants
 import numpy as np
 import pytest
 from cuda_sim_cases import CASES, run_case, tolerance_check
@@ -50,6 +51,17 @@ def _cupy():
     except Exception as error:  # not installed, or no usable device for CuPy
         pytest.skip(f"CuPy is unusable here: {error}")
     return cupy
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in cuda_sim_variants.CASES if "out" not in c["kwargs"]])
+def test_variant_cases_on_the_gpu(name):
+    """The simulator's end-to-end variant cases (align, window, softcap, ALiBi, kv_lengths, lse) on the
+    hardware; the out= case builds its strided view the simulator's way and is left to the simulator."""
+    from numba import cuda
+
+    c = next(c for c in cuda_sim_variants.CASES if c["name"] == name)
+    problem = cuda_sim_variants.run_case(c, np.random.default_rng(cuda_sim_variants.SEED), cuda, fastattn)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize("name", [c["name"] for c in CASES])

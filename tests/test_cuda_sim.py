@@ -1,5 +1,5 @@
-"""The GPU kernel on Numba's CUDA simulator: every case of tests/cuda_sim_cases.py against the NumPy
-reference.
+"""The GPU kernel on Numba's CUDA simulator: every case of tests/cuda_sim_cases.py (the launcher) and
+tests/cuda_sim_variants.py (fastattn.attention's variants, end to end) against the NumPy reference.
 
 NUMBA_ENABLE_CUDASIM must be set before Numba is imported, so the cases run in fresh interpreters
 (two, in parallel: the simulator is single-threaded and slow) started outside the source tree, and
@@ -15,9 +15,11 @@ import subprocess
 import sys
 
 import cuda_sim_cases
+import cuda_sim_variants
 import pytest
 
 CASE_NAMES = [c["name"] for c in cuda_sim_cases.CASES]
+VARIANT_NAMES = [c["name"] for c in cuda_sim_variants.CASES]
 PROCESSES = 2
 
 needs_numba_cuda = pytest.mark.skipif(
@@ -27,11 +29,12 @@ needs_numba_cuda = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def results():
-    script = os.path.abspath(cuda_sim_cases.__file__)
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    shares = [CASE_NAMES[i::PROCESSES] for i in range(PROCESSES)]
+    scripts = [(os.path.abspath(cuda_sim_cases.__file__), CASE_NAMES),
+               (os.path.abspath(cuda_sim_variants.__file__), VARIANT_NAMES)]
+    jobs = [(script, names[i::PROCESSES]) for script, names in scripts for i in range(PROCESSES)]
     runs = [subprocess.Popen([sys.executable, script, *share], cwd="/", env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for share in shares]
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for script, share in jobs]
     reported = {}
     for run in runs:
         stdout, stderr = run.communicate(timeout=900)
@@ -44,12 +47,12 @@ def results():
 
 
 @needs_numba_cuda
-@pytest.mark.parametrize("name", CASE_NAMES)
+@pytest.mark.parametrize("name", CASE_NAMES + VARIANT_NAMES)
 def test_simulated_kernel_matches_reference(results, name):
     if name not in results:
         pytest.fail(f"case {name} reported nothing; the simulator's stderr ends with:\n" + "\n".join(results["_stderr"]))
     record = results[name]
-    assert record["ok"], f"{name}: {record['problem']} (max error {record['max_error']}, bound {record['bound']})"
+    assert record["ok"], f"{name}: {record['problem']} (max error {record.get('max_error')}, bound {record.get('bound')})"
 
 
 def test_fastattn_imports_no_numba_and_knows_device_arrays():

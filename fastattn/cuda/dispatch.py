@@ -37,6 +37,18 @@ class _Operand:
         if len(self.shape) > len(shape):
             self.strides = (0,) + self.strides
 
+    def byte_range(self):
+        """[first, last] byte addresses the operand's elements occupy (None without elements)."""
+        interface = getattr(self.array, "__cuda_array_interface__", None)
+        base = interface["data"][0] if interface is not None else \
+            self.array._ary.__array_interface__["data"][0]  # the simulator's arrays wrap NumPy
+        shape, strides = tuple(self.array.shape), tuple(self.array.strides)
+        if any(n == 0 for n in shape):
+            return None
+        low = base + sum((n - 1) * s for n, s in zip(shape, strides) if s < 0)
+        high = base + sum((n - 1) * s for n, s in zip(shape, strides) if s > 0) + self.dtype.itemsize - 1
+        return low, high
+
     def strides_for(self, target):
         """Element strides of this operand broadcast to `target` (batch..., head, row, col)."""
         padded_shape = (1,) * (len(target) - len(self.shape)) + self.shape
@@ -45,7 +57,7 @@ class _Operand:
         return launcher.Strides(strides[:-3], *strides[-3:])
 
 
-def attention(q, k, v, mask, causal, scale, names):
+def attention(q, k, v, mask, causal, scale, names, variants=api._Variants()):
     ndim_out = max(np.ndim(x) if not is_device_array(x) else len(x.shape) for x in (q, k, v))
     q, k, v = _Operand(q, names.q), _Operand(k, names.k), _Operand(v, names.v)
     if q.dtype not in _SUPPORTED_DTYPES:
@@ -68,18 +80,93 @@ def attention(q, k, v, mask, causal, scale, names):
 
     batch = layout.batch
     out_shape = batch + (layout.heads_q, layout.seqlen_q, layout.head_dim_v)
-    out = cuda.device_array(out_shape, dtype=q.dtype)
+    params.update(_variant_params(variants, layout, (q, k, v, mask), names))
+    given_out = variants.out
+    if given_out is None:
+        out = cuda.device_array(out_shape, dtype=q.dtype)
+    else:
+        out = _checked_out(given_out, out_shape if ndim_out > 2 else out_shape[1:], q.dtype,
+                           ((q, names.q), (k, names.k), (v, names.v), (mask, names.mask)))
     out_operand = _Operand(out, "out")
+    lse = None
+    if variants.return_lse:
+        lse = cuda.device_array(batch + (layout.heads_q, layout.seqlen_q), dtype=q.dtype)
+        lse_operand = _Operand(lse, "lse", min_ndim=0)
+        params.update(lse=lse_operand.array,
+                      lse_strides=_tail_strides(lse_operand, batch, (layout.heads_q, layout.seqlen_q)))
     launcher.attention_forward(launcher.CudaAttentionParams(
         dtype=q.dtype, batch_shape=batch, num_heads_q=layout.heads_q, num_heads_k=k.shape[-3],
         num_heads_v=v.shape[-3], seqlen_q=layout.seqlen_q, seqlen_k=layout.seqlen_k, head_dim=layout.head_dim,
-        head_dim_v=layout.head_dim_v, q=q.array, k=k.array, v=v.array, out=out,
+        head_dim_v=layout.head_dim_v, q=q.array, k=k.array, v=v.array, out=out_operand.array,
         q_strides=q.strides_for(batch + q.shape[-3:]), k_strides=k.strides_for(batch + k.shape[-3:]),
         v_strides=v.strides_for(batch + v.shape[-3:]), out_strides=out_operand.strides_for(out_shape),
         scale=scale, causal=causal, **params))
-    if ndim_out <= 2:
-        out = out.reshape(out_shape[-2:])
-    return _like(q.original, out)
+    if given_out is not None:
+        result = given_out
+    else:
+        result = _like(q.original, out.reshape(out_shape[-2:]) if ndim_out <= 2 else out)
+    if not variants.return_lse:
+        return result
+    return result, _like(q.original, lse.reshape(lse.shape[-1:]) if ndim_out <= 2 else lse)
+
+
+def _variant_params(variants, layout, operands, names):
+    """CudaAttentionParams fields for align, window, softcap, ALiBi and kv_lengths, checked as on the
+    CPU. Slopes and lengths must be device arrays of float64 and int64: converting them would be a
+    copy, and the lengths are copied to the host once to check their range."""
+    if variants.align not in api._ALIGNS:
+        raise ValueError(f"align must be one of {api._ALIGNS}, got {variants.align!r}")
+    window_left, window_right = api._check_window(variants.window)
+    params = dict(align_bottom_right=variants.align == "bottom_right", window_left=window_left,
+                  window_right=window_right, softcap=api._check_softcap(variants.softcap))
+    if not isinstance(variants.return_lse, (bool, np.bool_)):
+        raise TypeError(f"return_lse must be a bool, got {type(variants.return_lse).__name__}")
+    if variants.alibi_slopes is not None:
+        slopes = _Operand(variants.alibi_slopes, "alibi_slopes", min_ndim=1)
+        if slopes.dtype != np.float64:
+            raise TypeError(f"alibi_slopes on the GPU must be float64, got {slopes.dtype}")
+        if slopes.shape not in ((layout.heads_q,), layout.batch + (layout.heads_q,)):
+            raise ValueError(f"alibi_slopes has shape {slopes.shape}; expected ({layout.heads_q},) or "
+                             f"{layout.batch + (layout.heads_q,)} (batch..., query heads)")
+        params.update(alibi_slopes=slopes.array,
+                      alibi_strides=_tail_strides(slopes, layout.batch, (layout.heads_q,)))
+    if variants.kv_lengths is not None:
+        lengths = _Operand(variants.kv_lengths, "kv_lengths", min_ndim=0)
+        if lengths.dtype != np.int64:
+            raise TypeError(f"kv_lengths on the GPU must be int64, got {lengths.dtype}")
+        if lengths.shape != layout.batch:
+            raise ValueError(f"kv_lengths has shape {lengths.shape}; expected the batch shape {layout.batch} "
+                             f"(one length per batch element)")
+        host = lengths.array.copy_to_host()
+        if host.size and (host.min() < 0 or host.max() > layout.seqlen_k):
+            raise ValueError(f"kv_lengths must lie in [0, {layout.seqlen_k}] (the keys of k), got values from "
+                             f"{host.min()} to {host.max()}")
+        params.update(kv_lengths=lengths.array, kv_lengths_strides=_tail_strides(lengths, layout.batch, ()))
+    return params
+
+
+def _checked_out(out, shape, dtype, inputs):
+    operand = _Operand(out, "out", min_ndim=0)
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}; the result has shape {shape}")
+    if operand.dtype != dtype:
+        raise ValueError(f"out has dtype {operand.dtype}; the result has dtype {dtype}")
+    span = operand.byte_range()
+    for x, name in inputs:
+        other = x.byte_range() if x is not None else None
+        if span and other and span[0] <= other[1] and other[0] <= span[1]:
+            raise ValueError(f"out overlaps {name}; the inputs must stay intact while out is written")
+    return out
+
+
+def _tail_strides(operand, batch, tail):
+    """Element strides of an operand of shape batch + tail (fewer leading dims broadcast) as
+    launcher.Strides: the tail's dims become head, then row; the rest are 0."""
+    target = batch + tail
+    shape = (1,) * (len(target) - len(operand.shape)) + operand.shape
+    strides = (0,) * (len(target) - len(operand.strides)) + operand.strides
+    strides = tuple(0 if n == 1 and t != 1 else s for n, t, s in zip(shape, target, strides))
+    return launcher.Strides(strides[:len(batch)], *(strides[len(batch):] + (0,) * (3 - len(tail))))
 
 
 def _like(example, out):

@@ -4,13 +4,14 @@ pass on the CUDA cores (float32 FMAs; Numba cannot reach the tensor cores).
 One thread block computes one query tile of BLOCK_M rows of one (batch element, query head):
 
     prologue   Q^T, pre-multiplied by scale, is staged in shared memory  q_tile [head_dim][BLOCK_M]
-    key loop   for each block of BLOCK_N keys (none past the causal diagonal):
+    key loop   for each block of BLOCK_N keys some row of the tile sees (window, causal, kv_lengths):
                  scores = Q K^T      K^T staged in chunks of K_CHUNK dims    k_chunk [K_CHUNK][BLOCK_N]
-                 mask                -inf past the diagonal or the last key; the mask block, staged
-                                     as float32 addends in p_tile (coalesced), -inf or + the value
+                 transform           softcap, ALiBi bias; -inf outside the row's window or past the
+                                     last key; the mask block, staged as float32 addends in p_tile
+                                     (coalesced), -inf or + the value
                  online softmax      m_i, l_i, alpha = exp(m_old - m_new); P^T to shared memory
                  acc = alpha acc + P V   V staged in chunks of V_CHUNK keys   v_chunk [V_CHUNK][head_dim]
-    epilogue   out = acc / l_i (zeros for a row that saw no visible key)
+    epilogue   out = acc / l_i (zeros for a row that saw no visible key); lse = m_i + log(l_i)
 
 Threads form a ROW_GROUPS x KEY_GROUPS grid. Thread (rg, kg) owns the rows rg + ROW_GROUPS * i
 (i < ROWS_PER_THREAD), the keys kg + KEY_GROUPS * j of each key block (j < KEYS_PER_THREAD) and the
@@ -35,9 +36,11 @@ MASK_KINDS = (MASK_NONE, MASK_BOOLEAN, MASK_ADDITIVE)
 
 MAX_BATCH_DIMS = 6  # as kMaxBatchDims in csrc/params.h
 # dims tuple: batch shape (padded with leading 1s to MAX_BATCH_DIMS), then these.
-DIM_HEADS_Q, DIM_Q_PER_K, DIM_Q_PER_V, DIM_SEQLEN_Q, DIM_SEQLEN_K, DIM_HEAD_DIM, DIM_HEAD_DIM_V = range(
-    MAX_BATCH_DIMS, MAX_BATCH_DIMS + 7)
-DIMS_LENGTH = MAX_BATCH_DIMS + 7
+# Window sides < 0 are unbounded (causal is folded in as right = 0); the flags are 0 or 1.
+(DIM_HEADS_Q, DIM_Q_PER_K, DIM_Q_PER_V, DIM_SEQLEN_Q, DIM_SEQLEN_K, DIM_HEAD_DIM, DIM_HEAD_DIM_V,
+ DIM_WINDOW_LEFT, DIM_WINDOW_RIGHT, DIM_BOTTOM_RIGHT, DIM_HAS_KV_LENGTHS, DIM_HAS_ALIBI, DIM_HAS_LSE) = range(
+    MAX_BATCH_DIMS, MAX_BATCH_DIMS + 13)
+DIMS_LENGTH = MAX_BATCH_DIMS + 13
 # layout tuple of one operand, in elements: origin, batch strides, head, row and column strides.
 LAYOUT_ORIGIN, LAYOUT_BATCH, LAYOUT_HEAD, LAYOUT_ROW, LAYOUT_COL = 0, 1, 1 + MAX_BATCH_DIMS, 2 + MAX_BATCH_DIMS, 3 + MAX_BATCH_DIMS
 LAYOUT_LENGTH = 4 + MAX_BATCH_DIMS
@@ -65,28 +68,31 @@ HEAD_DIM_BUCKETS = tuple(sorted(TILE_CONFIGS))
 MAX_HEAD_DIM = HEAD_DIM_BUCKETS[-1]
 
 
-# Every specialisation that ships: (head-dim bucket, mask kind, mask dtype, causal), for each input dtype.
+# Every specialisation that ships: (head-dim bucket, mask kind, mask dtype, windowed), for each input
+# dtype. windowed: a window (causal is one) hides keys per row; the other variants are run-time.
 INPUT_DTYPES = ("float32", "float16")
 MASK_VARIANTS = ((MASK_NONE, None), (MASK_BOOLEAN, "bool"), (MASK_ADDITIVE, "float16"),
                  (MASK_ADDITIVE, "float32"), (MASK_ADDITIVE, "float64"))
 
 
 def specialisations():
-    """(input dtype, bucket, mask kind, mask dtype, causal) of every kernel the launcher can compile."""
-    return [(dtype, bucket, kind, mask_dtype, causal) for dtype in INPUT_DTYPES for bucket in HEAD_DIM_BUCKETS
-            for kind, mask_dtype in MASK_VARIANTS for causal in (False, True)]
+    """(input dtype, bucket, mask kind, mask dtype, windowed) of every kernel the launcher can compile."""
+    return [(dtype, bucket, kind, mask_dtype, windowed) for dtype in INPUT_DTYPES for bucket in HEAD_DIM_BUCKETS
+            for kind, mask_dtype in MASK_VARIANTS for windowed in (False, True)]
 
 
 def kernel_signature(dtype, mask_dtype):
-    """The argument types the launcher passes: flat contiguous arrays, the dims and layout tuples,
-    scale and batch_begin. Without a mask, q stands in for it."""
+    """The argument types the launcher passes: flat contiguous arrays (q, k, v, out, mask, kv_lengths,
+    ALiBi slopes, lse), the dims and layout tuples, scale, softcap and batch_begin. Without a mask, q
+    stands in for it; absent kv_lengths, slopes and lse are one-element placeholders."""
     from numba import types
     array = types.Array(getattr(types, dtype), 1, "C")
     mask = array if mask_dtype is None else types.Array(
         types.boolean if mask_dtype == "bool" else getattr(types, mask_dtype), 1, "C")
     layout = types.UniTuple(types.int64, LAYOUT_LENGTH)
-    return (array, array, array, array, mask, types.UniTuple(types.int64, DIMS_LENGTH),
-            layout, layout, layout, layout, layout, types.float64, types.int64)
+    return (array, array, array, array, mask, types.Array(types.int64, 1, "C"), types.Array(types.float64, 1, "C"),
+            array, types.UniTuple(types.int64, DIMS_LENGTH), layout, layout, layout, layout, layout, layout,
+            layout, layout, types.float64, types.float64, types.int64)
 
 
 def head_dim_bucket(head_dim, head_dim_v):
@@ -152,10 +158,11 @@ def clamp_to_float32(value):
     return value
 
 
-def make_attention_kernel(config, mask_kind, causal, mask_dtype=None):
+def make_attention_kernel(config, mask_kind, windowed, mask_dtype=None):
     """The Python function of one specialisation; launcher.py jits it, bench/gpu_resources.py
     compiles it to PTX. Tile sizes, the mask kind, the mask dtype ("bool", "float16", "float32" or
-    "float64", or None without a mask) and causal are compile-time constants."""
+    "float64", or None without a mask) and windowed (rows see a window of keys: causal, window=)
+    are compile-time constants; align, kv_lengths, softcap, ALiBi and lse are run-time."""
     if mask_kind not in MASK_KINDS:
         raise ValueError(f"mask_kind must be one of {MASK_KINDS}, got {mask_kind!r}")
     HEAD_DIM = config.head_dim
@@ -172,13 +179,13 @@ def make_attention_kernel(config, mask_kind, causal, mask_dtype=None):
     assert HEAD_DIM % KEY_GROUPS == 0 and BLOCK_N % V_CHUNK == 0 and HEAD_DIM % K_CHUNK == 0
     HAS_MASK = mask_kind != MASK_NONE
     BOOLEAN_MASK = mask_kind == MASK_BOOLEAN
-    CAUSAL = bool(causal)
+    WINDOWED = bool(windowed)
     NEG_INF = float32(-math.inf)
     SCALE_LOG2E = float32(LOG2E)
     WIDE_MASK = mask_kind == MASK_ADDITIVE and mask_dtype == "float64"
 
-    def attention_kernel(q, k, v, out, mask, dims, q_layout, k_layout, v_layout, out_layout,
-                         mask_layout, scale, batch_begin):
+    def attention_kernel(q, k, v, out, mask, kv_lengths, alibi_slopes, lse, dims, q_layout, k_layout, v_layout,
+                         out_layout, mask_layout, kv_layout, alibi_layout, lse_layout, scale, softcap, batch_begin):
         q_tile = cuda.shared.array(Q_TILE_SHAPE, float32)                # Q^T * scale
         k_chunk = cuda.shared.array(K_CHUNK_SHAPE, float32)              # K^T, K_CHUNK dims
         v_chunk = cuda.shared.array((V_CHUNK, HEAD_DIM), float32)        # V, V_CHUNK keys
@@ -218,8 +225,24 @@ def make_attention_kernel(config, mask_kind, causal, mask_dtype=None):
         v_row, v_col = v_layout[LAYOUT_ROW], v_layout[LAYOUT_COL]
         mask_row_stride, mask_col_stride = mask_layout[LAYOUT_ROW], mask_layout[LAYOUT_COL]
         rows = min(BLOCK_M, seqlen_q - row_begin)
-        # Causal: the tile's last row sees keys up to row_begin + rows - 1; later blocks are skipped.
-        key_end = min(seqlen_k, row_begin + rows) if CAUSAL else seqlen_k
+        # The keys some row of the tile sees: [key_start, key_end), within this element's length.
+        if dims[DIM_HAS_KV_LENGTHS]:
+            seqlen_k = kv_lengths[nonneg(operand_offset(kv_layout, batch_index, 0))]
+        diagonal = seqlen_k - seqlen_q if dims[DIM_BOTTOM_RIGHT] else 0  # d(i) = i + diagonal
+        window_left, window_right = dims[DIM_WINDOW_LEFT], dims[DIM_WINDOW_RIGHT]
+        key_start = 0
+        key_end = seqlen_k
+        if WINDOWED:
+            if window_left >= 0:
+                key_start = max(0, row_begin + diagonal - window_left)
+            if window_right >= 0:
+                key_end = min(key_end, row_begin + rows + diagonal + window_right)
+        has_alibi = dims[DIM_HAS_ALIBI] != 0
+        slope = float32(0)
+        if has_alibi:
+            slope = float32(alibi_slopes[nonneg(operand_offset(alibi_layout, batch_index, head))])
+        softcap32 = float32(softcap)
+        transform = softcap > 0 or has_alibi
         scale32 = float32(scale)
 
         # Load: Q^T * scale, consecutive threads reading consecutive columns of a row; zero padding.
@@ -237,7 +260,7 @@ def make_attention_kernel(config, mask_kind, causal, mask_dtype=None):
             for e in range(COLS_PER_THREAD):
                 acc[i, e] = float32(0)
 
-        for key_begin in range(0, key_end, BLOCK_N):
+        for key_begin in range(key_start, key_end, BLOCK_N):
             keys = min(BLOCK_N, key_end - key_begin)
 
             if HAS_MASK:
@@ -289,16 +312,23 @@ def make_attention_kernel(config, mask_kind, causal, mask_dtype=None):
             if head_dim == 0:
                 cuda.syncthreads()  # no chunk synced the mask block: scores are all 0
 
-            # Hide keys past key_end (a ragged last block) and past the diagonal; add the mask.
-            crosses_diagonal = CAUSAL and key_begin + BLOCK_N - 1 > row_begin
-            if HAS_MASK or crosses_diagonal or keys < BLOCK_N:
+            # Softcap and ALiBi; hide keys past key_end (a ragged last block) and outside the row's
+            # window; add the mask.
+            if HAS_MASK or WINDOWED or transform or keys < BLOCK_N:
                 for i in range(ROWS_PER_THREAD):
                     r = rg + ROW_GROUPS * i
                     for j in range(KEYS_PER_THREAD):
                         key = kg + KEY_GROUPS * j
-                        if key >= keys or (CAUSAL and key_begin + key > row_begin + r):
+                        offset = key_begin + key - (row_begin + r + diagonal)  # j - d(i)
+                        if key >= keys or (WINDOWED and ((window_left >= 0 and offset < -window_left)
+                                                         or (window_right >= 0 and offset > window_right))):
                             scores[i, j] = NEG_INF
-                        elif HAS_MASK:
+                            continue
+                        if softcap > 0:
+                            scores[i, j] = softcap32 * math.tanh(scores[i, j] / softcap32)
+                        if has_alibi:
+                            scores[i, j] -= slope * float32(abs(offset))
+                        if HAS_MASK:
                             addend = p_tile[nonneg(key), nonneg(r)]
                             if BOOLEAN_MASK:
                                 if addend == NEG_INF:
@@ -367,6 +397,7 @@ def make_attention_kernel(config, mask_kind, causal, mask_dtype=None):
             row_partials[nonneg(kg), nonneg(rg + ROW_GROUPS * i)] = l_i[i]
         cuda.syncthreads()
         out_row, out_col = out_layout[LAYOUT_ROW], out_layout[LAYOUT_COL]
+        lse_base = operand_offset(lse_layout, batch_index, head)
         for i in range(ROWS_PER_THREAD):
             r = rg + ROW_GROUPS * i
             if r < rows:
@@ -374,11 +405,14 @@ def make_attention_kernel(config, mask_kind, causal, mask_dtype=None):
                 for g in range(KEY_GROUPS):
                     row_sum += row_partials[nonneg(g), nonneg(r)]
                 inv_sum = float32(0) if row_sum == float32(0) else float32(1) / row_sum
+                if dims[DIM_HAS_LSE] and kg == 0:
+                    lse[nonneg(lse_base + (row_begin + r) * lse_layout[LAYOUT_ROW])] = (
+                        NEG_INF if row_sum == float32(0) else m_i[i] + math.log(row_sum))
                 for e in range(COLS_PER_THREAD):
                     c = kg + KEY_GROUPS * e
                     if c < head_dim_v:
                         out[nonneg(out_base + (row_begin + r) * out_row + c * out_col)] = acc[i, e] * inv_sum
 
-    attention_kernel.__name__ = f"attention_d{HEAD_DIM}_{mask_kind}{'_causal' if CAUSAL else ''}"
+    attention_kernel.__name__ = f"attention_d{HEAD_DIM}_{mask_kind}{'_windowed' if WINDOWED else ''}"
     attention_kernel.__qualname__ = attention_kernel.__name__
     return attention_kernel

@@ -1,5 +1,5 @@
 """Turns a CudaAttentionParams into a kernel launch: the specialisation (head-dim bucket, mask kind and
-dtype, causal; the input dtype through Numba's own signature cache), the grid (query tiles, query heads,
+dtype, windowed; the input dtype through Numba's own signature cache), the grid (query tiles, query heads,
 batch) and flat views of the operands.
 
 Every operand reaches the kernel as a flat 1-D device array spanning exactly the memory its strides
@@ -70,7 +70,19 @@ class CudaAttentionParams:
     mask: Optional[Any] = None
     mask_strides: Optional[Strides] = None  # [batch..., head, query row, key]
     scale: float = 1.0  # multiplies q k^T before the mask is added
-    causal: bool = False  # key j visible to query i iff j <= i (top-left diagonal)
+    causal: bool = False  # key j visible to query i iff j <= d(i): window_right capped at 0
+    # As in params.h: d(i) = i (+ seqlen_k_b - seqlen_q when align_bottom_right); key j visible iff
+    # d(i) - window_left <= j <= d(i) + window_right (a negative side: unbounded), j < seqlen_k_b.
+    align_bottom_right: bool = False
+    window_left: int = -1
+    window_right: int = -1
+    kv_lengths: Optional[Any] = None  # int64 [batch...]: seqlen_k_b, each in [0, seqlen_k]
+    kv_lengths_strides: Optional[Strides] = None  # batch strides; head, row and col 0
+    softcap: float = 0.0  # > 0: scores become softcap * tanh(scores / softcap)
+    alibi_slopes: Optional[Any] = None  # float64 [batch..., Hq]: adds -slope * |d(i) - j|
+    alibi_strides: Optional[Strides] = None  # batch and head strides; row and col 0
+    lse: Optional[Any] = None  # [batch..., Hq, L] of dtype, written: each row's log-sum-exp
+    lse_strides: Optional[Strides] = None  # batch, head and row strides; col 0
     # GPU only, not in params.h: the CUDA stream to launch on (a numba stream, e.g.
     # cuda.external_stream(torch.cuda.current_stream().cuda_stream)); 0 is the default stream.
     stream: Any = 0
@@ -101,12 +113,19 @@ def attention_forward(params):
 
     batch = tuple(int(n) for n in p.batch_shape)
     batch_count = math.prod(batch)
-    if batch_count * p.num_heads_q * p.seqlen_q * p.head_dim_v == 0:
+    if batch_count * p.num_heads_q * p.seqlen_q * (p.head_dim_v + (p.lse is not None)) == 0:
         return  # nothing to write
+    if not p.softcap >= 0:
+        raise ValueError(f"softcap must be >= 0 (0 for none), got {p.softcap}")
 
     def operand(array, strides, heads, rows, cols, expected_dtype, name):
         shape = batch + (heads, rows, cols)
         return _flat_view(array, expected_dtype, shape, _stride_tuple(strides, len(batch)), name)
+
+    def operand_or_placeholder(array, strides, heads, rows, cols, expected_dtype, name):
+        if array is None:
+            return _placeholder(expected_dtype), (0,) * _kernel.LAYOUT_LENGTH
+        return operand(array, strides, heads, rows, cols, expected_dtype, name)
 
     q, q_layout = operand(p.q, p.q_strides, p.num_heads_q, p.seqlen_q, p.head_dim, dtype, "q")
     k, k_layout = operand(p.k, p.k_strides, p.num_heads_k, p.seqlen_k, p.head_dim, dtype, "k")
@@ -124,30 +143,42 @@ def attention_forward(params):
         mask, mask_layout = operand(p.mask, p.mask_strides, p.num_heads_q, p.seqlen_q, p.seqlen_k,
                                     _dtype_of(p.mask), "mask")
 
-    kernel = compiled_kernel(bucket, p.mask_kind, mask_dtype, bool(p.causal))
+    window_left = max(int(p.window_left), -1)
+    window_right = max(int(p.window_right), -1)
+    if p.causal:
+        window_right = 0 if window_right < 0 else min(window_right, 0)
+    kv_lengths, kv_layout = operand_or_placeholder(p.kv_lengths, p.kv_lengths_strides, 1, 1, 1, np.dtype(np.int64),
+                                                   "kv_lengths")
+    alibi, alibi_layout = operand_or_placeholder(p.alibi_slopes, p.alibi_strides, p.num_heads_q, 1, 1,
+                                                 np.dtype(np.float64), "alibi_slopes")
+    lse, lse_layout = operand_or_placeholder(p.lse, p.lse_strides, p.num_heads_q, p.seqlen_q, 1, dtype, "lse")
+    windowed = window_left >= 0 or window_right >= 0
+    kernel = compiled_kernel(bucket, p.mask_kind, mask_dtype, windowed)
     config = _kernel.TILE_CONFIGS[bucket]
     dims = (1,) * (_kernel.MAX_BATCH_DIMS - len(batch)) + batch + (
         p.num_heads_q, p.num_heads_q // p.num_heads_k, p.num_heads_q // p.num_heads_v,
-        p.seqlen_q, p.seqlen_k, p.head_dim, p.head_dim_v)
+        p.seqlen_q, p.seqlen_k, p.head_dim, p.head_dim_v, window_left, window_right, int(bool(p.align_bottom_right)),
+        int(p.kv_lengths is not None), int(p.alibi_slopes is not None), int(p.lse is not None))
     dims = tuple(int(n) for n in dims)
     query_tiles = -(-p.seqlen_q // config.block_m)
     threads = _kernel.threads_per_block(config)
     for batch_begin in range(0, batch_count, _MAX_GRID_YZ):
         grid = (query_tiles, p.num_heads_q, min(_MAX_GRID_YZ, batch_count - batch_begin))
-        kernel[grid, threads, p.stream](q, k, v, out, mask, dims, q_layout, k_layout, v_layout, out_layout,
-                                        mask_layout, float(p.scale), batch_begin)
+        kernel[grid, threads, p.stream](q, k, v, out, mask, kv_lengths, alibi, lse, dims, q_layout, k_layout,
+                                        v_layout, out_layout, mask_layout, kv_layout, alibi_layout, lse_layout,
+                                        float(p.scale), float(p.softcap), batch_begin)
 
 
 _compiled = {}
 
 
-def compiled_kernel(bucket, mask_kind, mask_dtype, causal):
+def compiled_kernel(bucket, mask_kind, mask_dtype, windowed):
     """The dispatcher of one specialisation, made once per process. Numba compiles it on the first
     launch for each input dtype and keeps that code: later calls with the same dtypes never recompile."""
-    key = (bucket, mask_kind, mask_dtype, causal)
+    key = (bucket, mask_kind, mask_dtype, windowed)
     if key not in _compiled:
         config = _kernel.TILE_CONFIGS[bucket]
-        function = _kernel.make_attention_kernel(config, mask_kind, causal, mask_dtype)
+        function = _kernel.make_attention_kernel(config, mask_kind, windowed, mask_dtype)
         # The simulator's jit takes no launch bounds.
         options = {} if config_module.ENABLE_CUDASIM else {"launch_bounds": _kernel.launch_bounds(config)}
         _compiled[key] = cuda.jit(**options)(function)
@@ -155,7 +186,7 @@ def compiled_kernel(bucket, mask_kind, mask_dtype, causal):
 
 
 def compiled_specialisations():
-    """{(bucket, mask kind, mask dtype, causal): number of compiled input-dtype versions}, for tests
+    """{(bucket, mask kind, mask dtype, windowed): number of compiled input-dtype versions}, for tests
     that check repeated calls do not recompile."""
     return {key: len(getattr(dispatcher, "overloads", ())) for key, dispatcher in _compiled.items()}
 
