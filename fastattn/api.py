@@ -206,6 +206,32 @@ def _check_softcap(softcap):
     return float(softcap)
 
 
+def _check_scalar_variants(variants):
+    """(align_bottom_right, (window_left, window_right), softcap) of the keywords that are plain values,
+    shared by the CPU and GPU paths."""
+    if variants.align not in _ALIGNS:
+        raise ValueError(f"align must be one of {_ALIGNS}, got {variants.align!r}")
+    if not isinstance(variants.return_lse, (bool, np.bool_)):
+        raise TypeError(f"return_lse must be a bool, got {type(variants.return_lse).__name__}")
+    return variants.align == "bottom_right", _check_window(variants.window), _check_softcap(variants.softcap)
+
+
+def _check_alibi_shape(shape, layout):
+    if tuple(shape) not in ((layout.heads_q,), layout.batch + (layout.heads_q,)):
+        raise ValueError(f"alibi_slopes has shape {tuple(shape)}; expected ({layout.heads_q},) or "
+                         f"{layout.batch + (layout.heads_q,)} (batch..., query heads)")
+
+
+def _check_kv_lengths_values(lengths, layout):
+    """lengths: the host values; shape and range as fastattn.attention documents."""
+    if lengths.shape != layout.batch:
+        raise ValueError(f"kv_lengths has shape {lengths.shape}; expected the batch shape {layout.batch} "
+                         f"(one length per batch element)")
+    if lengths.size and (lengths.min() < 0 or lengths.max() > layout.seqlen_k):
+        raise ValueError(f"kv_lengths must lie in [0, {layout.seqlen_k}] (the keys of k), got values from "
+                         f"{lengths.min()} to {lengths.max()}")
+
+
 def _check_alibi_slopes(slopes, layout):
     """(Hq,) or batch + (Hq,), any real float dtype; read as float64 (a parameter vector, not data)."""
     if slopes is None:
@@ -214,10 +240,8 @@ def _check_alibi_slopes(slopes, layout):
         raise TypeError(f"alibi_slopes must be a NumPy array, got {type(slopes).__name__}")
     if slopes.dtype.kind != "f":
         raise TypeError(f"alibi_slopes must have a float dtype, got {slopes.dtype}")
+    _check_alibi_shape(slopes.shape, layout)
     target = layout.batch + (layout.heads_q,)
-    if slopes.shape not in ((layout.heads_q,), target):
-        raise ValueError(f"alibi_slopes has shape {slopes.shape}; expected ({layout.heads_q},) or {target} "
-                         f"(batch..., query heads)")
     if not np.isfinite(slopes).all():
         raise ValueError("alibi_slopes must be finite")
     return np.broadcast_to(slopes.astype(np.float64), target)
@@ -231,12 +255,7 @@ def _check_kv_lengths(kv_lengths, layout):
         raise TypeError(f"kv_lengths must be a NumPy array, got {type(kv_lengths).__name__}")
     if kv_lengths.dtype.kind not in "iu":
         raise TypeError(f"kv_lengths must have an integer dtype, got {kv_lengths.dtype}")
-    if kv_lengths.shape != layout.batch:
-        raise ValueError(f"kv_lengths has shape {kv_lengths.shape}; expected the batch shape {layout.batch} "
-                         f"(one length per batch element)")
-    if kv_lengths.size and (kv_lengths.min() < 0 or kv_lengths.max() > layout.seqlen_k):
-        raise ValueError(f"kv_lengths must lie in [0, {layout.seqlen_k}] (the keys of k), got values from "
-                         f"{kv_lengths.min()} to {kv_lengths.max()}")
+    _check_kv_lengths_values(kv_lengths, layout)
     return kv_lengths.astype(np.int64)
 
 
@@ -254,7 +273,11 @@ def _check_out(out, shape, dtype, inputs):
     if not out.dtype.isnative or not out.flags.aligned:
         raise ValueError("out must be aligned and in native byte order")
     for x, name in inputs:
-        if x is not None and np.shares_memory(out, x, max_work=1000):
+        try:
+            overlaps = x is not None and np.shares_memory(out, x, max_work=1000)
+        except np.exceptions.TooHardError:  # strides too intricate to decide quickly: refuse
+            overlaps = True
+        if overlaps:
             raise ValueError(f"out overlaps {name}; the inputs must stay intact while out is written")
     return out
 
@@ -287,14 +310,9 @@ def _attention(q, k, v, mask, causal, scale, names, variants=_Variants()):
             raise ValueError(f"{names.mask} must be aligned and in native byte order")
         mask = np.broadcast_to(mask, _mask_target(mask.shape, layout, names))  # broadcast dims: stride 0
 
-    if variants.align not in _ALIGNS:
-        raise ValueError(f"align must be one of {_ALIGNS}, got {variants.align!r}")
-    window = _check_window(variants.window)
-    softcap = _check_softcap(variants.softcap)
+    bottom_right, window, softcap = _check_scalar_variants(variants)
     slopes = _check_alibi_slopes(variants.alibi_slopes, layout)
     kv_lengths = _check_kv_lengths(variants.kv_lengths, layout)
-    if not isinstance(variants.return_lse, (bool, np.bool_)):
-        raise TypeError(f"return_lse must be a bool, got {type(variants.return_lse).__name__}")
 
     batch = layout.batch
     out_shape = batch + (layout.heads_q, layout.seqlen_q, layout.head_dim_v)
@@ -308,7 +326,7 @@ def _attention(q, k, v, mask, causal, scale, names, variants=_Variants()):
             np.broadcast_to(k, batch + k.shape[-3:]),
             np.broadcast_to(v, batch + v.shape[-3:]),
             result, mask, scale, causal, _num_threads,
-            align_bottom_right=variants.align == "bottom_right", window_left=window[0], window_right=window[1],
+            align_bottom_right=bottom_right, window_left=window[0], window_right=window[1],
             softcap=softcap, alibi_slopes=slopes, kv_lengths=kv_lengths, lse=lse)
     if out is None:
         out = result if ndim_out > 2 else result[0]

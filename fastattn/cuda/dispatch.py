@@ -80,7 +80,7 @@ def attention(q, k, v, mask, causal, scale, names, variants=api._Variants()):
 
     batch = layout.batch
     out_shape = batch + (layout.heads_q, layout.seqlen_q, layout.head_dim_v)
-    params.update(_variant_params(variants, layout, (q, k, v, mask), names))
+    params.update(_variant_params(variants, layout))
     given_out = variants.out
     if given_out is None:
         out = cuda.device_array(out_shape, dtype=q.dtype)
@@ -110,37 +110,27 @@ def attention(q, k, v, mask, causal, scale, names, variants=api._Variants()):
     return result, _like(q.original, lse.reshape(lse.shape[-1:]) if ndim_out <= 2 else lse)
 
 
-def _variant_params(variants, layout, operands, names):
+def _variant_params(variants, layout):
     """CudaAttentionParams fields for align, window, softcap, ALiBi and kv_lengths, checked as on the
     CPU. Slopes and lengths must be device arrays of float64 and int64: converting them would be a
     copy, and the lengths are copied to the host once to check their range."""
-    if variants.align not in api._ALIGNS:
-        raise ValueError(f"align must be one of {api._ALIGNS}, got {variants.align!r}")
-    window_left, window_right = api._check_window(variants.window)
-    params = dict(align_bottom_right=variants.align == "bottom_right", window_left=window_left,
-                  window_right=window_right, softcap=api._check_softcap(variants.softcap))
-    if not isinstance(variants.return_lse, (bool, np.bool_)):
-        raise TypeError(f"return_lse must be a bool, got {type(variants.return_lse).__name__}")
+    bottom_right, (window_left, window_right), softcap = api._check_scalar_variants(variants)
+    params = dict(align_bottom_right=bottom_right, window_left=window_left, window_right=window_right,
+                  softcap=softcap)
     if variants.alibi_slopes is not None:
         slopes = _Operand(variants.alibi_slopes, "alibi_slopes", min_ndim=1)
         if slopes.dtype != np.float64:
             raise TypeError(f"alibi_slopes on the GPU must be float64, got {slopes.dtype}")
-        if slopes.shape not in ((layout.heads_q,), layout.batch + (layout.heads_q,)):
-            raise ValueError(f"alibi_slopes has shape {slopes.shape}; expected ({layout.heads_q},) or "
-                             f"{layout.batch + (layout.heads_q,)} (batch..., query heads)")
+        api._check_alibi_shape(slopes.shape, layout)
         params.update(alibi_slopes=slopes.array,
                       alibi_strides=_tail_strides(slopes, layout.batch, (layout.heads_q,)))
     if variants.kv_lengths is not None:
         lengths = _Operand(variants.kv_lengths, "kv_lengths", min_ndim=0)
         if lengths.dtype != np.int64:
             raise TypeError(f"kv_lengths on the GPU must be int64, got {lengths.dtype}")
-        if lengths.shape != layout.batch:
-            raise ValueError(f"kv_lengths has shape {lengths.shape}; expected the batch shape {layout.batch} "
-                             f"(one length per batch element)")
-        host = lengths.array.copy_to_host()
-        if host.size and (host.min() < 0 or host.max() > layout.seqlen_k):
-            raise ValueError(f"kv_lengths must lie in [0, {layout.seqlen_k}] (the keys of k), got values from "
-                             f"{host.min()} to {host.max()}")
+        if lengths.shape != layout.batch:  # before the copy: a wrong shape may not even be readable
+            api._check_kv_lengths_values(np.empty(lengths.shape), layout)
+        api._check_kv_lengths_values(lengths.array.copy_to_host().reshape(lengths.shape), layout)
         params.update(kv_lengths=lengths.array, kv_lengths_strides=_tail_strides(lengths, layout.batch, ()))
     return params
 
