@@ -55,6 +55,18 @@ def test_grouped_query_heads(rng, heads_q, heads_k, heads_v, causal, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [1, 17, 128])
+@pytest.mark.parametrize("seqlen_q", [1, 2])
+@pytest.mark.parametrize("group", [1, 2, 3, 5, 7, 8])
+def test_decode_groups(rng, group, seqlen_q, head_dim, dtype):
+    """Few query rows per key head (the decode kernel, which blocks rows 4 or 2 at a time): group
+    sizes that leave every remainder, keys over more than one split and a partial last chunk."""
+    q, k, v = qkv(rng, dtype, (2, 2 * group, seqlen_q, head_dim), (2, 2, 1100, head_dim), (2, 2, 1100, 33))
+    out = fastattn.attention(q, k, v)
+    check_against_reference(out, q, k, v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "q_leading, k_leading, v_leading",  # the dims before (L or S, E): batch..., heads
     [

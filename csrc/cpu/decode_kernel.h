@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 
 #include "cpu/kernel_common.h"
 #include "cpu/vec_math.h"
@@ -65,72 +66,109 @@ struct DecodeScratch {
   AlignedBuffer<T> memory;
   T* q;       // [rows][q_stride], pre-scaled, zero-padded
   T* acc;     // [rows][acc_stride]
-  T* scores;  // [W]
+  T* scores;  // [rows][W]: a chunk's scores, then its probabilities
+  T* alpha;   // [rows]: how much each row's acc shrinks at this chunk
   T* lane_index;  // [W]: 0, 1, 2, ...
 
   DecodeScratch(int64_t rows, int64_t head_dim, int64_t head_dim_v)
       : q_stride((head_dim + W - 1) / W * W),
         acc_stride((head_dim_v + W - 1) / W * W),
-        memory(rows * (q_stride + acc_stride) + 2 * W),
+        memory(rows * (q_stride + acc_stride + W + 1) + W),
         q(memory.data()),
         acc(q + rows * q_stride),
         scores(acc + rows * acc_stride),
-        lane_index(scores + W) {
+        alpha(scores + rows * W),
+        lane_index(alpha + rows) {
     if (ok())
       for (int i = 0; i < W; ++i) lane_index[i] = static_cast<T>(i);
   }
   bool ok() const { return memory.data() != nullptr; }
 };
 
-// scores[j] = q . k[key + j] for NK consecutive keys: NK independent dot products in flight, each
-// reduced across lanes at the end. q is zero-padded to whole vectors; k rows are read exactly.
-template <class V, int NK>
-void score_keys_decode(const typename V::value_type* q, const MatrixView<const typename V::value_type>& k,
-                       int64_t key, int64_t head_dim, typename V::value_type* scores) {
+// Rows handled together in the score and value loops: each phase interleaves the independent work
+// of RB rows, so a row's dependency chains (dot products, lane reductions, the softmax) overlap
+// the others' instead of running one row after another.
+template <class V>
+inline constexpr int kDecodeRowBlock = V::kRegisters >= 32 ? 4 : 2;
+inline constexpr int kDecodeKeyBlock = 4;
+
+// scores[r * W + j] = q_r . k[key + j] for RB rows and NK consecutive keys: RB * NK dot products in
+// flight, each K load shared by the RB rows. q rows are zero-padded to whole vectors; k rows are
+// read exactly.
+template <class V, int RB, int NK>
+void score_keys_decode(const typename V::value_type* q, int64_t q_stride,
+                       const MatrixView<const typename V::value_type>& k, int64_t key, int64_t head_dim,
+                       typename V::value_type* scores) {
   constexpr int W = V::size;
-  V sum[NK];
-  for (int j = 0; j < NK; ++j) sum[j] = V::zero();
+  V sum[RB][NK];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < NK; ++j) sum[r][j] = V::zero();
+  // A do-while (head_dim >= 1 here) lets the accumulators stay in registers, where a loop that
+  // might not run made GCC keep a copy of them on the stack.
   int64_t d = 0;
-  for (; d + W <= head_dim; d += W) {
-    const V q_part = V::load(q + d);
-    for (int j = 0; j < NK; ++j) sum[j] = fmadd(q_part, V::load(&k(key + j, d)), sum[j]);
-  }
-  if (d < head_dim) {
-    const V q_part = V::load(q + d);
+  do {
+    const int cols = static_cast<int>(std::min<int64_t>(W, head_dim - d));
+    V key_part[NK];
     for (int j = 0; j < NK; ++j)
-      sum[j] = fmadd(q_part, V::load_partial(&k(key + j, d), static_cast<int>(head_dim - d)), sum[j]);
-  }
-  for (int j = 0; j < NK; ++j) scores[j] = reduce_add(sum[j]);
+      key_part[j] = cols == W ? V::load(&k(key + j, d)) : V::load_partial(&k(key + j, d), cols);
+    for (int r = 0; r < RB; ++r) {
+      const V q_part = V::load(q + r * q_stride + d);
+      for (int j = 0; j < NK; ++j) sum[r][j] = fmadd(q_part, key_part[j], sum[r][j]);
+    }
+  } while ((d += W) < head_dim);
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < NK; ++j) scores[r * W + j] = reduce_add(sum[r][j]);
 }
 
-// acc[e0 .. e0 + NV * W) = alpha * acc + sum_j p_j v[key + j][e], with NV accumulators in registers;
-// the last vector holds last_cols columns.
-template <class V, int NV>
+// For RB rows: acc_r[e0 .. e0 + NV * W) = alpha_r * acc_r + sum_j p_rj v[key + j][e], with the
+// RB * NV accumulators in registers and each V load shared by the rows; the last vector holds
+// last_cols columns.
+template <class V, int RB, int NV>
 void accumulate_values_decode(const MatrixView<const typename V::value_type>& v, int64_t key, int keys,
-                              const typename V::value_type* probs, typename V::value_type alpha, int64_t e0,
-                              int last_cols, typename V::value_type* acc) {
+                              const typename V::value_type* probs, const typename V::value_type* alpha,
+                              int64_t e0, int last_cols, typename V::value_type* acc, int64_t acc_stride) {
   constexpr int W = V::size;
-  V sum[NV];
-  for (int c = 0; c < NV; ++c) sum[c] = V::load(acc + e0 + c * W) * V::broadcast(alpha);
-  for (int j = 0; j < keys; ++j) {
-    const V p = V::broadcast(probs[j]);
+  V sum[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < NV; ++c) sum[r][c] = V::load(acc + r * acc_stride + e0 + c * W) * V::broadcast(alpha[r]);
+  int j = 0;  // keys >= 1; a do-while for the same reason as in score_keys_decode
+  do {
     const typename V::value_type* row = &v(key + j, e0);
-    for (int c = 0; c < NV - 1; ++c) sum[c] = fmadd(p, V::load(row + c * W), sum[c]);
-    const V last = last_cols == W ? V::load(row + (NV - 1) * W) : V::load_partial(row + (NV - 1) * W, last_cols);
-    sum[NV - 1] = fmadd(p, last, sum[NV - 1]);
-  }
-  for (int c = 0; c < NV; ++c) sum[c].store(acc + e0 + c * W);
+    V value[NV];
+    for (int c = 0; c < NV - 1; ++c) value[c] = V::load(row + c * W);
+    value[NV - 1] = last_cols == W ? V::load(row + (NV - 1) * W) : V::load_partial(row + (NV - 1) * W, last_cols);
+    for (int r = 0; r < RB; ++r) {
+      const V p = V::broadcast(probs[r * W + j]);
+      for (int c = 0; c < NV; ++c) sum[r][c] = fmadd(p, value[c], sum[r][c]);
+    }
+  } while (++j < keys);
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < NV; ++c) sum[r][c].store(acc + r * acc_stride + e0 + c * W);
 }
 
-inline constexpr int kDecodeValueVectors = 8;  // accumulators per pass over a chunk's value rows
+// Calls f(std::integral_constant<int, B>, first_row) over the rows in blocks of B = RB rows, then
+// the remaining rows in one smaller block.
+template <int RB, class F>
+void for_row_blocks(int64_t rows, F&& f) {
+  int64_t r = 0;
+  for (; r + RB <= rows; r += RB) f(std::integral_constant<int, RB>{}, r);
+  if constexpr (RB > 1) {
+    if (r < rows) for_row_blocks<RB - 1>(rows - r, [&](auto block, int64_t first) { f(block, r + first); });
+  }
+}
 
-template <class V, int NV = kDecodeValueVectors>
+// Value accumulators per row for one pass over a chunk's value rows.
+template <class V, int RB>
+inline constexpr int kDecodeValueVectors = std::max(1, (V::kRegisters / 2) / RB);
+
+template <class V, int RB, int NV = kDecodeValueVectors<V, RB>>
 void accumulate_values_decode_tail(int vectors, const MatrixView<const typename V::value_type>& v, int64_t key,
-                                   int keys, const typename V::value_type* probs, typename V::value_type alpha,
-                                   int64_t e0, int last_cols, typename V::value_type* acc) {
+                                   int keys, const typename V::value_type* probs, const typename V::value_type* alpha,
+                                   int64_t e0, int last_cols, typename V::value_type* acc, int64_t acc_stride) {
   if constexpr (NV > 0) {
-    if (vectors == NV) return accumulate_values_decode<V, NV>(v, key, keys, probs, alpha, e0, last_cols, acc);
-    accumulate_values_decode_tail<V, NV - 1>(vectors, v, key, keys, probs, alpha, e0, last_cols, acc);
+    if (vectors == NV)
+      return accumulate_values_decode<V, RB, NV>(v, key, keys, probs, alpha, e0, last_cols, acc, acc_stride);
+    accumulate_values_decode_tail<V, RB, NV - 1>(vectors, v, key, keys, probs, alpha, e0, last_cols, acc, acc_stride);
   }
 }
 
@@ -142,13 +180,14 @@ void decode_split(const AttentionParams& p, const HeadViews<typename V::value_ty
                   typename V::value_type* states) {
   using T = typename V::value_type;
   constexpr int W = V::size;
+  constexpr int RB = kDecodeRowBlock<V>;
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  const int64_t L = p.seqlen_q, E = p.head_dim, Ev = p.head_dim_v;
+  const int64_t L = p.seqlen_q, E = p.head_dim, Ev = p.head_dim_v, rows = shape.rows;
   const T q_scale = static_cast<T>(p.scale);
   const MatrixView<const T>& k = heads[0].k;  // one K and one V head for the whole group
   const MatrixView<const T>& v = heads[0].v;
 
-  for (int64_t r = 0; r < shape.rows; ++r) {
+  for (int64_t r = 0; r < rows; ++r) {
     const MatrixView<const T>& q = heads[r / L].q;
     T* q_row = s.q + r * s.q_stride;
     for (int64_t d = 0; d < s.q_stride; ++d) q_row[d] = d < E ? q(r % L, d) * q_scale : T(0);
@@ -166,54 +205,70 @@ void decode_split(const AttentionParams& p, const HeadViews<typename V::value_ty
   for (int64_t chunk = key_begin; chunk < key_end; chunk += W) {
     const int keys = static_cast<int>(std::min<int64_t>(W, key_end - chunk));
     const int64_t ahead = chunk + Decode::kPrefetchKeys;
-    for (int64_t j = ahead; j < std::min(key_end, ahead + W); ++j) {
-      for (int64_t d = 0; d < E; d += 64 / sizeof(T)) __builtin_prefetch(&k(j, d));
-      for (int64_t e = 0; e < Ev; e += 64 / sizeof(T)) __builtin_prefetch(&v(j, e));
+    int j = 0;
+    if (E == 0) std::fill(s.scores, s.scores + rows * W, T(0));  // empty dot products
+    for (; E > 0 && j + kDecodeKeyBlock <= keys; j += kDecodeKeyBlock) {
+      // The prefetches are spread over the chunk's work: issued all at once they filled the line
+      // fill buffers and stalled the work behind them until memory answered (GQA decode +15%).
+      for (int64_t a = ahead + j; a < std::min(key_end, ahead + j + kDecodeKeyBlock); ++a) {
+        for (int64_t d = 0; d < E; d += 64 / sizeof(T)) __builtin_prefetch(&k(a, d));
+        for (int64_t e = 0; e < Ev; e += 64 / sizeof(T)) __builtin_prefetch(&v(a, e));
+      }
+      for_row_blocks<RB>(rows, [&](auto block, int64_t r) {
+        score_keys_decode<V, decltype(block)::value, kDecodeKeyBlock>(s.q + r * s.q_stride, s.q_stride, k,
+                                                                      chunk + j, E, s.scores + r * W + j);
+      });
     }
-    for (int64_t r = 0; r < shape.rows; ++r) {
+    for (; E > 0 && j < keys; ++j)
+      for_row_blocks<RB>(rows, [&](auto block, int64_t r) {
+        score_keys_decode<V, decltype(block)::value, 1>(s.q + r * s.q_stride, s.q_stride, k, chunk + j, E,
+                                                        s.scores + r * W + j);
+      });
+
+    for (int64_t r = 0; r < rows; ++r) {
       const HeadViews<T>& h = heads[r / L];
       const int64_t query = r % L;
       RowState<T> state{states + r * (2 + Ev)};
-      const T* q_row = s.q + r * s.q_stride;
-      int j = 0;
-      for (; j + 4 <= keys; j += 4) score_keys_decode<V, 4>(q_row, k, chunk + j, E, s.scores + j);
-      for (; j < keys; ++j) score_keys_decode<V, 1>(q_row, k, chunk + j, E, s.scores + j);
-      if (p.softcap > 0 || p.alibi_slopes) {
-        V x = V::load(s.scores);
-        if (p.softcap > 0) x = cap * tanh(x / cap);
-        if (p.alibi_slopes) {  // -slope * |d(i) - j|, j = chunk + lane
-          const V offset = V::load(s.lane_index) - V::broadcast(static_cast<T>(query + h.diagonal - chunk));
-          x = fmadd(max(offset, V::zero() - offset), V::broadcast(-h.alibi_slope), x);
-        }
-        x.store(s.scores);
+      T* row_scores = s.scores + r * W;
+      V x = V::load(row_scores);
+      if (p.softcap > 0) x = cap * tanh(x / cap);
+      if (p.alibi_slopes) {  // -slope * |d(i) - j|, j = chunk + lane
+        const V offset = V::load(s.lane_index) - V::broadcast(static_cast<T>(query + h.diagonal - chunk));
+        x = fmadd(max(offset, V::zero() - offset), V::broadcast(-h.alibi_slope), x);
       }
-      for (j = 0; j < W; ++j) {
-        const int64_t key = chunk + j;
-        const bool visible = j < keys && in_window(p, h.diagonal, query, key);
-        s.scores[j] = visible ? apply_mask<MaskT>(s.scores[j], h, query, key) : neg_inf;
+      if (!std::is_void_v<MaskT> || keys < W || window_cuts(p, h.diagonal, query, query, chunk, chunk + keys)) {
+        x.store(row_scores);
+        for (j = 0; j < W; ++j) {
+          const int64_t key = chunk + j;
+          const bool visible = j < keys && in_window(p, h.diagonal, query, key);
+          row_scores[j] = visible ? apply_mask<MaskT>(row_scores[j], h, query, key) : neg_inf;
+        }
+        x = V::load(row_scores);
       }
       // Online softmax across the chunk's lanes; a row with no visible key yet subtracts 0.
-      const V scores = V::load(s.scores);
       const T m_old = state.m();
-      const T m_new = std::max(m_old, reduce_max(scores));
+      const T m_new = std::max(m_old, reduce_max(x));
       const T m_sub = m_new == neg_inf ? T(0) : m_new;
-      const V probs = exp(scores - V::broadcast(m_sub));
-      const T alpha = std::exp(m_old - m_sub);
-      probs.store(s.scores);
+      const V probs = exp(x - V::broadcast(m_sub));
+      s.alpha[r] = std::exp(m_old - m_sub);
+      probs.store(row_scores);
       state.m() = m_new;
-      state.l() = state.l() * alpha + reduce_add(probs);
+      state.l() = state.l() * s.alpha[r] + reduce_add(probs);
+    }
 
-      constexpr int64_t kPassCols = kDecodeValueVectors * W;
-      for (int64_t e0 = 0; e0 < Ev; e0 += kPassCols) {
-        const int64_t cols = std::min(kPassCols, Ev - e0);
-        const int vectors = static_cast<int>((cols + W - 1) / W);
-        const int last_cols = static_cast<int>(cols - (vectors - 1) * W);
-        accumulate_values_decode_tail<V>(vectors, v, chunk, keys, s.scores, alpha, e0, last_cols,
-                                         s.acc + r * s.acc_stride);
-      }
+    constexpr int64_t kPassCols = kDecodeValueVectors<V, RB> * W;
+    for (int64_t e0 = 0; e0 < Ev; e0 += kPassCols) {
+      const int64_t cols = std::min(kPassCols, Ev - e0);
+      const int vectors = static_cast<int>((cols + W - 1) / W);
+      const int last_cols = static_cast<int>(cols - (vectors - 1) * W);
+      for_row_blocks<RB>(rows, [&](auto block, int64_t r) {
+        accumulate_values_decode_tail<V, decltype(block)::value, kDecodeValueVectors<V, RB>>(
+            vectors, v, chunk, keys, s.scores + r * W, s.alpha + r, e0, last_cols, s.acc + r * s.acc_stride,
+            s.acc_stride);
+      });
     }
   }
-  for (int64_t r = 0; r < shape.rows; ++r) {
+  for (int64_t r = 0; r < rows; ++r) {
     T* acc = RowState<T>{states + r * (2 + Ev)}.acc();
     for (int64_t e = 0; e < Ev; ++e) acc[e] = s.acc[r * s.acc_stride + e];
   }
