@@ -288,16 +288,19 @@ def _broadcast(x, shape):
     return x if x.shape == shape else np.broadcast_to(x, shape)
 
 
-def _attention(q, k, v, mask, causal, scale, names, variants=_Variants()):
+def _attention(q, k, v, mask, causal, scale, names, variants=_Variants(), heads=None):
+    """heads: if given, q, k or v with one head serve all `heads` heads (a stride-0 head dim)."""
     if any(is_device_array(x) for x in (q, k, v, mask, variants.out)):
         from .cuda import dispatch  # imports numba-cuda, only for callers that hold GPU arrays
 
-        return dispatch.attention(q, k, v, mask, causal, scale, names, variants)
+        return dispatch.attention(q, k, v, mask, causal, scale, names, variants, heads)
 
     ndim_out = max(np.ndim(q), np.ndim(k), np.ndim(v))
     q = _check_array(q, names.q)
     k = _check_array(k, names.k)
     v = _check_array(v, names.v)
+    if heads is not None:
+        q, k, v = (_broadcast(x, x.shape[:-3] + (heads,) + x.shape[-2:]) for x in (q, k, v))
     if q.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"{names.q} has dtype {q.dtype}; fastattn supports float32 and float64")
     for x, name in ((k, names.k), (v, names.v)):
@@ -386,21 +389,19 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if attn_mask.dtype not in (np.dtype(np.bool_), np.dtype(np.float32), query.dtype):
             raise TypeError(f"attn_mask has dtype {attn_mask.dtype}; PyTorch takes bool, float32 "
                             f"or the query's dtype {query.dtype}")
-    if not enable_gqa:
-        query, key, value = _broadcast_heads(query, key, value)
-    return _attention(query, key, value, attn_mask, is_causal, scale, _SDPA_NAMES)
+    heads = None if enable_gqa else _broadcast_heads(query, key, value)
+    return _attention(query, key, value, attn_mask, is_causal, scale, _SDPA_NAMES, heads=heads)
 
 
 def _broadcast_heads(query, key, value):
-    """PyTorch without enable_gqa treats the head dim as a batch dim: equal, or 1 to broadcast."""
-    arrays = (query, key, value)
-    if not all(isinstance(x, np.ndarray) and x.ndim >= 2 for x in arrays) or max(x.ndim for x in arrays) < 3:
-        return arrays  # no head dim to broadcast; _attention reports anything invalid
-    arrays = tuple(x if x.ndim > 2 else x[np.newaxis] for x in arrays)
-    heads = {x.shape[-3] for x in arrays} - {1}
+    """PyTorch without enable_gqa treats the head dim as a batch dim: equal, or 1 to broadcast.
+    The common head count, or None when there is no head dim (_attention reports bad shapes)."""
+    shapes = [tuple(getattr(x, "shape", ())) for x in (query, key, value)]
+    if min(len(shape) for shape in shapes) < 2 or max(len(shape) for shape in shapes) < 3:
+        return None
+    counts = [shape[-3] if len(shape) > 2 else 1 for shape in shapes]  # a 2-D input is one head
+    heads = set(counts) - {1}
     if len(heads) > 1:
-        raise ValueError(
-            f"query, key and value have {arrays[0].shape[-3]}, {arrays[1].shape[-3]} and "
-            f"{arrays[2].shape[-3]} heads; without enable_gqa=True they must be equal or 1")
-    target = heads.pop() if heads else 1
-    return tuple(np.broadcast_to(x, x.shape[:-3] + (target,) + x.shape[-2:]) for x in arrays)
+        raise ValueError(f"query, key and value have {counts[0]}, {counts[1]} and {counts[2]} heads; "
+                         f"without enable_gqa=True they must be equal or 1")
+    return heads.pop() if heads else 1

@@ -37,6 +37,8 @@ CASES = [
     case("out_transposed_window", (2, 2, 9, 16), (2, 2, 30, 16), window=(3, 3), out="out_transposed"),
     case("float16_softcap_window_head_dim_80", (1, 1, 9, 80), (1, 1, 20, 80), dtype=np.float16, softcap=2.0,
          window=(4, 0)),
+    # the drop-in without enable_gqa: one query head broadcast over four key heads, as torch does
+    case("sdpa_one_query_head_four_key_heads", (2, 1, 9, 16), (2, 4, 20, 16), sdpa=True),
 ]
 
 
@@ -96,7 +98,12 @@ def run_case(c, rng, cuda, fastattn):
     q, k, v, host_kwargs, q_dev, k_dev, v_dev, device_kwargs = make_call(c, rng, cuda)
     mask = host_kwargs.pop("mask", None)
     device_mask = device_kwargs.pop("mask", None)
-    result = fastattn.attention(q_dev, k_dev, v_dev, device_mask, **device_kwargs)
+    if host_kwargs.pop("sdpa", False):
+        device_kwargs.pop("sdpa")
+        result = fastattn.scaled_dot_product_attention(q_dev, k_dev, v_dev, device_mask, **device_kwargs)
+        q = np.broadcast_to(q, k.shape[:-2] + q.shape[-2:])
+    else:
+        result = fastattn.attention(q_dev, k_dev, v_dev, device_mask, **device_kwargs)
     out_dev, lse_dev = result if c["kwargs"].get("return_lse") else (result, None)
     if "out" in device_kwargs and out_dev is not device_kwargs["out"]:
         return "out= was not returned"

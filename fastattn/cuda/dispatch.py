@@ -37,6 +37,12 @@ class _Operand:
         if len(self.shape) > len(shape):
             self.strides = (0,) + self.strides
 
+    def broadcast_heads(self, heads):
+        """One head serves `heads` heads: a head dim of stride 0 (see api._attention)."""
+        if self.shape[-3] != heads:
+            self.shape = self.shape[:-3] + (heads,) + self.shape[-2:]
+            self.strides = self.strides[:-3] + (0,) + self.strides[-2:]
+
     def byte_range(self):
         """[first, last] byte addresses the operand's elements occupy (None without elements)."""
         interface = getattr(self.array, "__cuda_array_interface__", None)
@@ -57,9 +63,12 @@ class _Operand:
         return launcher.Strides(strides[:-3], *strides[-3:])
 
 
-def attention(q, k, v, mask, causal, scale, names, variants=api._Variants()):
+def attention(q, k, v, mask, causal, scale, names, variants=api._Variants(), heads=None):
     ndim_out = max(np.ndim(x) if not is_device_array(x) else len(x.shape) for x in (q, k, v))
     q, k, v = _Operand(q, names.q), _Operand(k, names.k), _Operand(v, names.v)
+    if heads is not None:
+        for x in (q, k, v):
+            x.broadcast_heads(heads)
     if q.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"{names.q} has dtype {q.dtype}; the GPU kernel takes float32 and float16")
     for x, name in ((k, names.k), (v, names.v)):
