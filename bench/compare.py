@@ -17,6 +17,8 @@ its unfused math backend, SDPBackend.MATH) and numpy-naive (softmax(QK^T)V with 
 in the input dtype).
 
 Progress goes to stderr, the table and the targets to stdout.
+
+--device cuda times fastattn's GPU path against torch on the GPU instead (gpu_compare.py).
 """
 
 import argparse
@@ -204,10 +206,14 @@ def warn_about_spread(machine):
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: fastattn's GPU path against torch on the GPU, see gpu_compare.py "
+                        "(default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="about a minute: 6 shapes instead of 15, 5 repeats instead of 15")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                        help="inputs for every implementation (default: %(default)s)")
+    parser.add_argument("--dtype", choices=["float32", "float64", "float16"], default="float32",
+                        help="inputs for every implementation; float16 with --device cuda only, "
+                        "float64 with cpu only (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=fastattn.get_num_threads(),
                         help="threads for fastattn, torch, NumPy's BLAS and the streaming read "
                         "(default: %(default)s)")
@@ -215,16 +221,25 @@ def parse_args():
                         "(default: 15, or 5 with --quick)")
     parser.add_argument("--peers", action="store_true",
                         help="also time torch-math and numpy-naive (see above)")
-    parser.add_argument("--json", metavar="PATH", default=str(BENCH_DIR / "results.json"),
+    parser.add_argument("--json", metavar="PATH",
                         help="write every sample, the ceilings and the environment here "
-                        "(default: bench/results.json; '' for none)")
+                        "(default: bench/results.json, or results-cuda.json with --device cuda; "
+                        "'' for none)")
     parser.add_argument("--png", metavar="PATH", default=str(BENCH_DIR / "results.png"),
-                        help="draw fastattn's speedup over torch per shape here "
+                        help="draw fastattn's speedup over torch per shape here, for --device cpu "
                         "(default: bench/results.png; '' for none)")
     parser.add_argument("--markdown", metavar="PATH",
                         help="write the table and targets as Markdown to PATH, or with '-' to "
                         "stdout instead of the plain table (which then goes to stderr)")
     args = parser.parse_args()
+    if args.device == "cpu" and args.dtype == "float16":
+        parser.error("--dtype float16 needs --device cuda: the CPU kernel does not take float16 yet")
+    if args.device == "cuda" and args.dtype == "float64":
+        parser.error("--dtype float64 needs --device cpu: the GPU kernel takes float32 and float16")
+    if args.device == "cuda" and args.markdown:
+        parser.error("--markdown is for --device cpu only")
+    if args.json is None:
+        args.json = str(BENCH_DIR / ("results.json" if args.device == "cpu" else "results-cuda.json"))
     if args.repeats is None:
         args.repeats = 5 if args.quick else 15
     return args
@@ -277,6 +292,10 @@ def write_chart(path, title, records):
 
 def main():
     args = parse_args()
+    if args.device == "cuda":
+        import gpu_compare  # imports Numba, which the CPU run does without
+
+        return gpu_compare.main(args)
     harness.set_num_threads(args.threads)
     blas_threads_set = ceilings.set_blas_threads(args.threads)
     env = environment(args)

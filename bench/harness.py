@@ -140,11 +140,12 @@ def take_sample(run, calls):
     return (time.perf_counter() - start) / calls
 
 
-def time_round_robin(runners, repeats):
+def time_round_robin(runners, repeats, sample=take_sample, count_calls=calls_per_sample):
     """Seconds per call, one sample of every implementation per repeat, so that drift (clock
     speed, heat, other load) affects them all alike. The order rotates so that no implementation
-    always finds the caches as the same predecessor left them."""
-    calls = {name: calls_per_sample(run) for name, run in runners.items()}
+    always finds the caches as the same predecessor left them. `sample` and `count_calls` default
+    to the CPU's; the GPU run passes its own, which synchronize the device."""
+    calls = {name: count_calls(run) for name, run in runners.items()}
     samples = {name: [] for name in runners}
     names = list(runners)
     if not names:  # every implementation failed its check
@@ -152,7 +153,7 @@ def time_round_robin(runners, repeats):
     for repeat in range(repeats):
         turn = repeat % len(names)
         for name in names[turn:] + names[:turn]:
-            samples[name].append(take_sample(runners[name], calls[name]))
+            samples[name].append(sample(runners[name], calls[name]))
     return samples
 
 

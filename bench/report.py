@@ -53,7 +53,11 @@ def number_cell(value, value_format):
 
 
 def text_table(records, machine):
-    rows = table_rows(records, machine)
+    return aligned_text(table_rows(records, machine))
+
+
+def aligned_text(rows):
+    """Rows of cells as plain-text columns: the text columns aligned left, the numbers right."""
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = []
     for row in rows:

@@ -7,6 +7,7 @@ simulator does not count: tests/test_cuda_sim.py covers it).
 """
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -156,9 +157,22 @@ def test_mixing_host_and_device_inputs_raises():
         fastattn.attention(cuda.to_device(q), q, q)
 
 
-def test_compare_script_against_torch_gpu_sdpa():
-    _torch_cuda()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, os.path.join(root, "bench", "compare.py"), "--device", "cuda"],
-                         capture_output=True, text=True, timeout=1800, cwd="/")
+def test_compare_script_times_fastattn_against_torch(tmp_path, monkeypatch):
+    """compare.py --device cuda --quick: every shape checked ok and timed, torch too when it has CUDA."""
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    monkeypatch.syspath_prepend(bench)
+    import compare
+    import harness
+    from harness import Case
+
+    results = tmp_path / "results.json"
+    command = [sys.executable, os.path.join(bench, "compare.py"), "--device", "cuda", "--quick", "--json", str(results)]
+    run = subprocess.run(command, check=False, capture_output=True, text=True, timeout=1800, cwd="/")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    records = json.loads(results.read_text())["records"]
+    assert [Case(**record["case"]) for record in records] == compare.QUICK_CASES
+    timed = ["fastattn"] + (["torch"] if harness.torch is not None and harness.torch.cuda.is_available() else [])
+    for record in records:
+        for name in timed:
+            result = record["results"][name]
+            assert result["ok"] and result["median_ms"] > 0, (name, record)
