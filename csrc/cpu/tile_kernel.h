@@ -32,12 +32,13 @@ struct Tile {
   static constexpr int kSteps = V::kRegisters >= 32 ? 8 : 4;   // keys (or value columns) per micro-step
 };
 
-// Per-thread working memory, allocated once per call and thread: O(tile), never O(L x S).
+// Where a tile's state lives, lane r of each array belonging to query row r of the tile.
+// from_vector(v) views the same state from query vector v on: lane 0 is then query row v * W, so
+// the block functions below can run on the tile's last R - v vectors alone. lane_index stays
+// 0, 1, 2, ... (it numbers lanes relative to the rows the functions are given).
 template <class V>
-struct TileScratch {
+struct TileLanes {
   using T = typename V::value_type;
-  static constexpr int64_t M = Tile<V>::kBlockM;
-  AlignedBuffer<T> memory;
   T* q_tile;   // [head_dim][BLOCK_M], pre-scaled queries, transposed
   T* scores;   // [BLOCK_N][BLOCK_M], scores then probabilities
   T* acc;      // [head_dim_v][BLOCK_M], unnormalised output, transposed
@@ -46,18 +47,30 @@ struct TileScratch {
   T* alpha;    // [BLOCK_M], exp(m_old - m_new) of the last block
   T* lane_index;  // [BLOCK_M], 0, 1, 2, ...
 
+  TileLanes from_vector(int vector) const {
+    const int64_t lane = int64_t{vector} * V::size;
+    return {q_tile + lane, scores + lane, acc + lane, row_max + lane, row_sum + lane, alpha + lane, lane_index};
+  }
+};
+
+// Per-thread working memory, allocated once per call and thread: O(tile), never O(L x S).
+template <class V>
+struct TileScratch : TileLanes<V> {
+  using T = typename V::value_type;
+  static constexpr int64_t M = Tile<V>::kBlockM;
+  AlignedBuffer<T> memory;
+
   // Every piece is a multiple of BLOCK_M elements, hence of the vector width: all stay aligned.
-  TileScratch(int64_t head_dim, int64_t head_dim_v)
-      : memory((head_dim + Tile<V>::kBlockN + head_dim_v + 4) * M),
-        q_tile(memory.data()),
-        scores(q_tile + head_dim * M),
-        acc(scores + Tile<V>::kBlockN * M),
-        row_max(acc + head_dim_v * M),
-        row_sum(row_max + M),
-        alpha(row_sum + M),
-        lane_index(alpha + M) {
+  TileScratch(int64_t head_dim, int64_t head_dim_v) : memory((head_dim + Tile<V>::kBlockN + head_dim_v + 4) * M) {
+    this->q_tile = memory.data();
+    this->scores = this->q_tile + head_dim * M;
+    this->acc = this->scores + Tile<V>::kBlockN * M;
+    this->row_max = this->acc + head_dim_v * M;
+    this->row_sum = this->row_max + M;
+    this->alpha = this->row_sum + M;
+    this->lane_index = this->alpha + M;
     if (ok())
-      for (int i = 0; i < M; ++i) lane_index[i] = static_cast<T>(i);
+      for (int i = 0; i < M; ++i) this->lane_index[i] = static_cast<T>(i);
   }
   bool ok() const { return memory.data() != nullptr; }
 };
@@ -165,7 +178,7 @@ void score_key_tail(int keys, const MatrixView<const typename V::value_type>& k,
 
 template <class V, int R>
 void score_block(const MatrixView<const typename V::value_type>& k, int64_t key_begin, int keys,
-                 int64_t head_dim, TileScratch<V>& s) {
+                 int64_t head_dim, const TileLanes<V>& s) {
   constexpr int KS = Tile<V>::kSteps, M = Tile<V>::kBlockM;
   if (head_dim == 0) {  // empty dot products
     std::fill(s.scores, s.scores + keys * M, typename V::value_type(0));
@@ -179,7 +192,7 @@ void score_block(const MatrixView<const typename V::value_type>& k, int64_t key_
 // Applies the caller's mask to the rows < rows_valid: -inf where hidden, plus a float mask.
 template <class V, class MaskT>
 void mask_block(const HeadViews<typename V::value_type>& h, int64_t row_begin, int64_t rows_valid,
-                int64_t key_begin, int keys, TileScratch<V>& s) {
+                int64_t key_begin, int keys, const TileLanes<V>& s) {
   using T = typename V::value_type;
   constexpr int M = Tile<V>::kBlockM;
   for (int j = 0; j < keys; ++j) {
@@ -192,7 +205,7 @@ void mask_block(const HeadViews<typename V::value_type>& h, int64_t row_begin, i
 // query row_begin + r, so d(i) - j = r - (j - row_begin - diagonal).
 template <class V, int R>
 void transform_scores(const AttentionParams& p, const HeadViews<typename V::value_type>& h, int64_t row_begin,
-                      int64_t key_begin, int keys, TileScratch<V>& s) {
+                      int64_t key_begin, int keys, const TileLanes<V>& s) {
   using T = typename V::value_type;
   constexpr int W = V::size, M = Tile<V>::kBlockM;
   const V cap = V::broadcast(static_cast<T>(p.softcap));
@@ -217,7 +230,7 @@ void transform_scores(const AttentionParams& p, const HeadViews<typename V::valu
 // [-1, BLOCK_M] so that they stay exact in T.
 template <class V, int R>
 void hide_outside_window(const AttentionParams& p, int64_t diagonal, int64_t row_begin, int64_t key_begin,
-                         int keys, TileScratch<V>& s) {
+                         int keys, const TileLanes<V>& s) {
   using T = typename V::value_type;
   constexpr int W = V::size, M = Tile<V>::kBlockM;
   const V neg_inf = V::broadcast(-std::numeric_limits<T>::infinity());
@@ -243,7 +256,7 @@ void hide_outside_window(const AttentionParams& p, int64_t diagonal, int64_t row
 // causal diagonal), which must weigh exactly 0; otherwise every score is finite and exp2_clamped
 // suffices.
 template <class V, int R, bool MayHide>
-bool softmax_block(int keys, TileScratch<V>& s) {
+bool softmax_block(int keys, const TileLanes<V>& s) {
   using T = typename V::value_type;
   constexpr int W = V::size, M = Tile<V>::kBlockM;
   const V log2e = V::broadcast(T(kLog2e));
@@ -282,7 +295,7 @@ bool softmax_block(int keys, TileScratch<V>& s) {
 // columns (acc[e][:] + ... when no maximum moved).
 template <class V, int R, int NE>
 void accumulate_values(const MatrixView<const typename V::value_type>& v, int64_t key_begin,
-                       int keys, int64_t col_begin, bool rescale, TileScratch<V>& s) {
+                       int keys, int64_t col_begin, bool rescale, const TileLanes<V>& s) {
   constexpr int W = V::size, M = Tile<V>::kBlockM;
   V acc[NE][R];
   for (int c = 0; c < NE; ++c)
@@ -306,7 +319,7 @@ void accumulate_values(const MatrixView<const typename V::value_type>& v, int64_
 
 template <class V, int R, int NE = Tile<V>::kSteps - 1>
 void accumulate_value_tail(int cols, const MatrixView<const typename V::value_type>& v, int64_t key_begin,
-                           int keys, int64_t col_begin, bool rescale, TileScratch<V>& s) {
+                           int keys, int64_t col_begin, bool rescale, const TileLanes<V>& s) {
   if constexpr (NE > 0) {
     if (cols == NE) return accumulate_values<V, R, NE>(v, key_begin, keys, col_begin, rescale, s);
     accumulate_value_tail<V, R, NE - 1>(cols, v, key_begin, keys, col_begin, rescale, s);
@@ -315,11 +328,39 @@ void accumulate_value_tail(int cols, const MatrixView<const typename V::value_ty
 
 template <class V, int R>
 void accumulate_block(const MatrixView<const typename V::value_type>& v, int64_t key_begin,
-                      int keys, int64_t head_dim_v, bool rescale, TileScratch<V>& s) {
+                      int keys, int64_t head_dim_v, bool rescale, const TileLanes<V>& s) {
   constexpr int CS = Tile<V>::kSteps;
   int64_t e = 0;
   for (; e + CS <= head_dim_v; e += CS) accumulate_values<V, R, CS>(v, key_begin, keys, e, rescale, s);
   accumulate_value_tail<V, R>(static_cast<int>(head_dim_v - e), v, key_begin, keys, e, rescale, s);
+}
+
+// One block of keys against the R query vectors of `s` (query rows row_begin .. row_begin + rows - 1
+// valid; last_row is the tile's last row).
+template <class V, class MaskT, int R>
+void attend_block(const AttentionParams& p, const HeadViews<typename V::value_type>& h, int64_t row_begin,
+                  int64_t rows, int64_t last_row, int64_t key_begin, int keys, const TileLanes<V>& s) {
+  score_block<V, R>(h.k, key_begin, keys, p.head_dim, s);
+  if (p.softcap > 0 || p.alibi_slopes) transform_scores<V, R>(p, h, row_begin, key_begin, keys, s);
+  if constexpr (!std::is_void_v<MaskT>) mask_block<V, MaskT>(h, row_begin, rows, key_begin, keys, s);
+  const bool cut = window_cuts(p, h.diagonal, row_begin, last_row, key_begin, key_begin + keys);
+  if (cut) hide_outside_window<V, R>(p, h.diagonal, row_begin, key_begin, keys, s);
+  const bool may_hide = !std::is_void_v<MaskT> || cut;
+  const bool rescale = may_hide ? softmax_block<V, R, true>(keys, s) : softmax_block<V, R, false>(keys, s);
+  accumulate_block<V, R>(h.v, key_begin, keys, p.head_dim_v, rescale, s);
+}
+
+// The same, for the tile's query vectors from `first` on (the earlier ones see none of the keys).
+template <class V, class MaskT, int R>
+void attend_block_from(int first, const AttentionParams& p, const HeadViews<typename V::value_type>& h,
+                       int64_t row_begin, int64_t rows, int64_t last_row, int64_t key_begin, int keys,
+                       const TileLanes<V>& s) {
+  constexpr int W = V::size;
+  if constexpr (R > 1)
+    if (first > 0)
+      return attend_block_from<V, MaskT, R - 1>(first - 1, p, h, row_begin + W, rows - W, last_row, key_begin,
+                                                keys, s.from_vector(1));
+  attend_block<V, MaskT, R>(p, h, row_begin, rows, last_row, key_begin, keys, s);
 }
 
 // One query tile of one head, R vectors of queries (fewer than kVectors only for the last tile
@@ -328,30 +369,35 @@ template <class V, class MaskT, int R>
 void attend_tile(const AttentionParams& p, const HeadViews<typename V::value_type>& h,
                  int64_t row_begin, TileScratch<V>& s) {
   using T = typename V::value_type;
-  constexpr int M = Tile<V>::kBlockM, N = Tile<V>::kBlockN;
-  const int64_t rows = std::min<int64_t>(R * V::size, p.seqlen_q - row_begin);
+  constexpr int W = V::size, M = Tile<V>::kBlockM, N = Tile<V>::kBlockN;
+  const int64_t rows = std::min<int64_t>(R * W, p.seqlen_q - row_begin);
 
   pack_query_tile<V, R>(h.q, row_begin, rows, p.head_dim, static_cast<T>(p.scale), s);
-  for (int i = 0; i < R * V::size; ++i) {
+  for (int i = 0; i < R * W; ++i) {
     s.row_max[i] = -std::numeric_limits<T>::infinity();
     s.row_sum[i] = T(0);
   }
   for (int64_t i = 0; i < p.head_dim_v * M; ++i) s.acc[i] = T(0);
 
   // Only the keys some row of the tile sees are scored (windows, causal, kv_lengths), and only
-  // blocks that some row's window cuts are masked per row.
+  // blocks that some row's window cuts are masked per row. Keys from `hidden_begin` on are hidden
+  // from the tile's first row (causal, or a right window), and each further W keys from one more
+  // query vector: there the blocks are W keys wide (the first W - 1) and leave out the vectors
+  // that see none of their keys, a third of the diagonal's work with three vectors.
   const int64_t last_row = row_begin + rows - 1;
   const KeyRange range = visible_keys(p, h, row_begin, last_row);
-  for (int64_t key_begin = range.begin; key_begin < range.end; key_begin += N) {
-    const int keys = static_cast<int>(std::min<int64_t>(N, range.end - key_begin));
-    score_block<V, R>(h.k, key_begin, keys, p.head_dim, s);
-    if (p.softcap > 0 || p.alibi_slopes) transform_scores<V, R>(p, h, row_begin, key_begin, keys, s);
-    if constexpr (!std::is_void_v<MaskT>) mask_block<V, MaskT>(h, row_begin, rows, key_begin, keys, s);
-    const bool cut = window_cuts(p, h.diagonal, row_begin, last_row, key_begin, key_begin + keys);
-    if (cut) hide_outside_window<V, R>(p, h.diagonal, row_begin, key_begin, keys, s);
-    const bool may_hide = !std::is_void_v<MaskT> || cut;
-    const bool rescale = may_hide ? softmax_block<V, R, true>(keys, s) : softmax_block<V, R, false>(keys, s);
-    accumulate_block<V, R>(h.v, key_begin, keys, p.head_dim_v, rescale, s);
+  const int64_t hidden_begin =
+      p.window_right >= 0 ? std::clamp(row_begin + h.diagonal + p.window_right + 1, range.begin, range.end)
+                          : range.end;
+  for (int64_t key_begin = range.begin; key_begin < hidden_begin; key_begin += N) {
+    const int keys = static_cast<int>(std::min<int64_t>(N, hidden_begin - key_begin));
+    attend_block<V, MaskT, R>(p, h, row_begin, rows, last_row, key_begin, keys, s);
+  }
+  for (int64_t key_begin = hidden_begin, first = 0; key_begin < range.end; ++first) {
+    const int64_t key_end = std::min(range.end, hidden_begin + (first + 1) * W - 1);  // vector `first`'s last key + 1
+    attend_block_from<V, MaskT, R>(static_cast<int>(first), p, h, row_begin, rows, last_row, key_begin,
+                                   static_cast<int>(key_end - key_begin), s);
+    key_begin = key_end;
   }
 
   if (h.lse)
