@@ -389,12 +389,24 @@ void attend_tile(const AttentionParams& p, const HeadViews<typename V::value_typ
   const int64_t hidden_begin =
       p.window_right >= 0 ? std::clamp(row_begin + h.diagonal + p.window_right + 1, range.begin, range.end)
                           : range.end;
+  // The output rows are requested for writing a few before each block: written only at the end,
+  // they missed every cache then and the stores stalled (6% of a causal N = 512 call); requested all
+  // at once, the requests stalled the first block.
+  const int64_t blocks = (hidden_begin - range.begin + N - 1) / N + (range.end - hidden_begin + W - 1) / W;
+  const int64_t rows_per_block = blocks > 0 ? (rows + blocks - 1) / blocks : 0;
+  int64_t prefetched = 0;
+  auto prefetch_output = [&] {
+    for (const int64_t end = std::min(rows, prefetched + rows_per_block); prefetched < end; ++prefetched)
+      for (int64_t e = 0; e < p.head_dim_v; e += 64 / sizeof(T)) __builtin_prefetch(&h.out(row_begin + prefetched, e), 1);
+  };
   for (int64_t key_begin = range.begin; key_begin < hidden_begin; key_begin += N) {
     const int keys = static_cast<int>(std::min<int64_t>(N, hidden_begin - key_begin));
+    prefetch_output();
     attend_block<V, MaskT, R>(p, h, row_begin, rows, last_row, key_begin, keys, s);
   }
   for (int64_t key_begin = hidden_begin, first = 0; key_begin < range.end; ++first) {
     const int64_t key_end = std::min(range.end, hidden_begin + (first + 1) * W - 1);  // vector `first`'s last key + 1
+    prefetch_output();
     attend_block_from<V, MaskT, R>(static_cast<int>(first), p, h, row_begin, rows, last_row, key_begin,
                                    static_cast<int>(key_end - key_begin), s);
     key_begin = key_end;
