@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _core
+from . import _core, interop
 from .cuda import is_device_array
 
 __all__ = ["attention", "scaled_dot_product_attention", "set_num_threads", "get_num_threads",
@@ -294,6 +294,17 @@ def _attention(q, k, v, mask, causal, scale, names, variants=_Variants(), heads=
         from .cuda import dispatch  # imports numba-cuda, only for callers that hold GPU arrays
 
         return dispatch.attention(q, k, v, mask, causal, scale, names, variants, heads)
+    framework = interop.framework_of({names.q: q, names.k: k, names.v: v, names.mask: mask, "out": variants.out,
+                                      "alibi_slopes": variants.alibi_slopes, "kv_lengths": variants.kv_lengths})
+    if framework is not None:
+        views = variants._replace(**{field: interop.as_numpy(getattr(variants, field), field)
+                                     for field in ("out", "alibi_slopes", "kv_lengths")})
+        result = _attention(interop.as_numpy(q, names.q), interop.as_numpy(k, names.k),
+                            interop.as_numpy(v, names.v), interop.as_numpy(mask, names.mask), causal, scale,
+                            names, views, heads)
+        out, lse = result if variants.return_lse else (result, None)
+        out = variants.out if variants.out is not None else interop.as_framework(out, framework)
+        return out if lse is None else (out, interop.as_framework(lse, framework))
 
     ndim_out = max(np.ndim(q), np.ndim(k), np.ndim(v))
     q = _check_array(q, names.q)
@@ -366,6 +377,9 @@ def attention(q, k, v, mask=None, *, causal=False, scale=None, align="top_left",
     dtype, -inf for a row with no visible key (fastattn.merge_states combines such results).
     out: an array of the result's shape and dtype, any strides, not overlapping an input, written
     and returned instead of a new C-contiguous array.
+
+    PyTorch CPU tensors work in place of every array argument (all of them tensors, none requiring
+    grad): read where they are through DLPack, the result returned as a tensor (fastattn.interop).
     """
     variants = _Variants(align, window, softcap, alibi_slopes, kv_lengths, return_lse, out)
     return _attention(q, k, v, mask, causal, scale, _ATTENTION_NAMES, variants)
