@@ -100,13 +100,18 @@ def run_case(case, args):
     runners = harness.runners(case, q, k, v, extra_peers=args.peers)
     if not case.reference_affordable:
         del runners["reference"]
-    errors = check(case, runners, q, k, v)
-    tolerance = harness.tolerance(args.dtype)
+    return check_and_time(case, runners, runners, q, k, v, harness.tolerance(args.dtype), args.repeats)
+
+
+def check_and_time(case, runners, checked, q, k, v, tolerance, repeats, **timing):
+    """The case's record: every implementation's error (`checked` are `runners` returning NumPy
+    arrays), then the timings of those within `tolerance` (harness.time_round_robin with `timing`)."""
+    errors = check(case, checked, q, k, v)
     for name, error in errors.items():
         log(f"  {name:11} max |error| {error:.1e} {'ok' if error <= tolerance else 'FAIL'}")
     passed = {name: run for name, run in runners.items() if errors[name] <= tolerance}
-    log(f"  timing {', '.join(passed)}: {args.repeats} repeats")
-    samples = harness.time_round_robin(passed, args.repeats)
+    log(f"  timing {', '.join(passed)}: {repeats} repeats")
+    samples = harness.time_round_robin(passed, repeats, **timing)
     results = {}
     for name in runners:
         ms = [1e3 * s for s in samples.get(name, [])]

@@ -20,13 +20,11 @@ SIMULATOR_CASES on Numba's simulator instead: a check that the script works, its
 """
 
 import contextlib
-import dataclasses
 import importlib.metadata
 import json
 import math
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -83,7 +81,7 @@ def main(args):
     env["load average at the end"] = compare.load_average()
 
     print(title(env))
-    print(report.aligned_text(table_rows(records)))
+    print(report.aligned_text(report.table_rows(records)))
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": env, "records": records}, indent=1) + "\n")
         compare.log(f"wrote {args.json}")
@@ -102,29 +100,9 @@ def missing(reason):
 def run_case(case, args):
     q, k, v = (x.astype(args.dtype) for x in harness.make_inputs(case))  # NumPy draws no float16
     runners = device_runners(case, q, k, v, args.peers)
-    errors = compare.check(case, {name: on_host(run) for name, run in runners.items()}, q, k, v)
-    tolerance = TOLERANCES[args.dtype]
-    for name, error in errors.items():
-        compare.log(f"  {name:11} max |error| {error:.1e} {'ok' if error <= tolerance else 'FAIL'}")
-    passed = {name: run for name, run in runners.items() if errors[name] <= tolerance}
-    compare.log(f"  timing {', '.join(passed)}: {args.repeats} repeats")
-    samples = harness.time_round_robin(passed, args.repeats, sample=take_sample, count_calls=calls_per_sample)
-    results = {}
-    for name in runners:
-        ms = [1e3 * s for s in samples.get(name, [])]
-        if ms:
-            compare.log(f"  {name:11} median {statistics.median(ms):.3f} ms, "
-                        f"min {min(ms):.3f}, max {max(ms):.3f}")
-        results[name] = {
-            "ok": name in passed,
-            "max_error": errors[name],
-            "median_ms": statistics.median(ms) if ms else None,
-            "samples_ms": ms,
-        }
-    record = {"case": dataclasses.asdict(case), "flops": case.flops,
-              "kv_bytes": case.kv_bytes(q.itemsize), "results": results}
-    compare.add_rates(record, case)
-    return record
+    checked = {name: on_host(run) for name, run in runners.items()}
+    return compare.check_and_time(case, runners, checked, q, k, v, TOLERANCES[args.dtype], args.repeats,
+                                  sample=take_sample, count_calls=calls_per_sample)
 
 
 def device_runners(case, q, k, v, extra_peers):
@@ -232,25 +210,3 @@ def title(env):
     where = env["gpu"] + (f" (compute capability {env['compute capability']})"
                           if "compute capability" in env else ", timings meaningless")
     return f"fastattn {env['fastattn']}, {env['dtype']}, {where}"
-
-
-def table_rows(records):
-    """report.table_rows without the CPU ceilings' columns."""
-    peers = report.peers_in(records)
-    header = ["case", "shape B,Hq,Hk,L,S,D", "causal", "fastattn ms", "GFLOP/s", "K+V GB/s"]
-    for peer in peers:
-        header += [f"{peer} ms", f"vs {peer}"]
-    rows = [header]
-    for record in records:
-        case = Case(**record["case"])
-        results = record["results"]
-        row = [
-            case.label, case.shape, report.causal_text(case),
-            report.time_cell(results, "fastattn"),
-            report.number_cell(results["fastattn"].get("gflops"), "{:.1f}"),
-            report.number_cell(results["fastattn"].get("kv_gbps"), "{:.1f}"),
-        ]
-        for peer in peers:
-            row += [report.time_cell(results, peer), report.number_cell(record["speedup"].get(peer), "{:.2f}x")]
-        rows.append(row)
-    return rows

@@ -16,11 +16,13 @@ def peers_in(records):
     return [name for name in harness.PEERS + harness.EXTRA_PEERS if name in present]
 
 
-def table_rows(records, machine):
-    """The header and one row of cells per record."""
+def table_rows(records, machine=None):
+    """The header and one row of cells per record; without `machine` (the GPU run) no columns for
+    the CPU ceilings."""
     peers = peers_in(records)
+    ceilings = machine is not None
     header = ["case", "shape B,Hq,Hk,L,S,D", "causal", "fastattn ms", "GFLOP/s",
-              f"% {machine['gemm']['name']}", "K+V GB/s", "% read"]
+              *([f"% {machine['gemm']['name']}"] if ceilings else []), "K+V GB/s", *(["% read"] if ceilings else [])]
     for peer in peers:
         header += [f"{peer} ms", f"vs {peer}"]
     rows = [header]
@@ -31,9 +33,9 @@ def table_rows(records, machine):
             case.label, case.shape, causal_text(case),
             time_cell(results, "fastattn"),
             number_cell(results["fastattn"].get("gflops"), "{:.1f}"),
-            number_cell(record["percent_of_gemm"], "{:.0f}%"),
+            *([number_cell(record["percent_of_gemm"], "{:.0f}%")] if ceilings else []),
             number_cell(results["fastattn"].get("kv_gbps"), "{:.1f}"),
-            number_cell(record["percent_of_read"], "{:.0f}%"),
+            *([number_cell(record["percent_of_read"], "{:.0f}%")] if ceilings else []),
         ]
         for peer in peers:
             row += [time_cell(results, peer), number_cell(record["speedup"].get(peer), "{:.2f}x")]
