@@ -202,29 +202,46 @@ def run_case(c, cuda, launcher, rng):
     return err, bound, problem
 
 
-def main(names):
+def start_simulator():
+    """numba.cuda on the simulator; NUMBA_ENABLE_CUDASIM must be set before Numba is first imported."""
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
     from numba import cuda
     from numba.cuda import config
 
-    from fastattn.cuda import launcher
     if not config.ENABLE_CUDASIM:
         raise RuntimeError("set NUMBA_ENABLE_CUDASIM=1 before Numba is imported")
-    # Scores plus a mask near float32's lowest value overflow to -inf in (s - m) * log2(e), as they do
-    # on the GPU, where exp2 then gives 0; the simulator's NumPy scalars would warn about it.
-    np.seterr(over="ignore")
-    rng = np.random.default_rng(SEED)
-    for c in CASES:
+    return cuda
+
+
+def report(cases, names, run):
+    """Prints one JSON line per case named in `names` (all if empty): run(case) returns a dict with
+    'problem' (None when the case passed) and any figures; an exception is reported as the problem."""
+    for c in cases:
         if names and c["name"] not in names:
             continue
         start = time.perf_counter()
         try:
-            err, bound, problem = run_case(c, cuda, launcher, rng)
+            result = run(c)
         except Exception as error:  # report, and go on with the other cases
-            err, bound, problem = float("nan"), float("nan"), f"{type(error).__name__}: {error}"
-        print(json.dumps(dict(name=c["name"], ok=problem is None, problem=problem, max_error=err, bound=bound,
-                              seconds=round(time.perf_counter() - start, 2))), flush=True)
+            result = {"problem": f"{type(error).__name__}: {error}"}
+        print(json.dumps({"name": c["name"], "ok": result["problem"] is None, **result,
+                          "seconds": round(time.perf_counter() - start, 2)}), flush=True)
 
+
+def main(names):
+    cuda = start_simulator()
+    from fastattn.cuda import launcher
+
+    # Scores plus a mask near float32's lowest value overflow to -inf in (s - m) * log2(e), as they do
+    # on the GPU, where exp2 then gives 0; the simulator's NumPy scalars would warn about it.
+    np.seterr(over="ignore")
+    rng = np.random.default_rng(SEED)
+
+    def run(c):
+        err, bound, problem = run_case(c, cuda, launcher, rng)
+        return {"problem": problem, "max_error": err, "bound": bound}
+
+    report(CASES, names, run)
 
 if __name__ == "__main__":
     main(set(sys.argv[1:]))

@@ -5,12 +5,10 @@ Run as a script with NUMBA_ENABLE_CUDASIM=1 (tests/test_cuda_sim.py does); print
 case. Importing the module only defines CASES. Shapes are tiny: the simulator is slow.
 """
 
-import json
-import os
 import sys
-import time
 
 import numpy as np
+from cuda_sim_cases import report, start_simulator
 
 from fastattn import reference
 
@@ -46,7 +44,7 @@ def make_call(c, rng, cuda):
     """(host q, k, v, reference kwargs, device q, k, v, fastattn kwargs)."""
     dtype = np.dtype(c["dtype"])
     batch, heads_q, seqlen_q, head_dim = c["q_shape"]
-    heads_kv, seqlen_k = c["k_shape"][1], c["k_shape"][2]
+    seqlen_k = c["k_shape"][2]
     q = rng.standard_normal(c["q_shape"]).astype(dtype)
     k = rng.standard_normal(c["k_shape"]).astype(dtype)
     v = rng.standard_normal(c["k_shape"]).astype(dtype)
@@ -119,26 +117,12 @@ def run_case(c, rng, cuda, fastattn):
 
 
 def main(names):
-    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
-    from numba import cuda
-    from numba.cuda import config
-
+    cuda = start_simulator()
     import fastattn
-    if not config.ENABLE_CUDASIM:
-        raise RuntimeError("set NUMBA_ENABLE_CUDASIM=1 before Numba is imported")
+
     np.seterr(over="ignore", invalid="ignore")
     rng = np.random.default_rng(SEED)
-    for c in CASES:
-        if names and c["name"] not in names:
-            continue
-        start = time.perf_counter()
-        try:
-            problem = run_case(c, rng, cuda, fastattn)
-        except Exception as error:  # report, and go on with the other cases
-            problem = f"{type(error).__name__}: {error}"
-        print(json.dumps(dict(name=c["name"], ok=problem is None, problem=problem,
-                              seconds=round(time.perf_counter() - start, 2))), flush=True)
-
+    report(CASES, names, lambda c: {"problem": run_case(c, rng, cuda, fastattn)})
 
 if __name__ == "__main__":
     main(set(sys.argv[1:]))
