@@ -71,17 +71,21 @@ Strides tail_strides(const py::array& a, const char* name, const py::array& q, s
   return s;
 }
 
+// bfloat16 is ml_dtypes' NumPy type, known by its name (this module does not depend on ml_dtypes).
 DType dtype_of(const py::array& a, const char* name) {
-  if (a.dtype().is(py::dtype::of<float>())) return DType::float32;
-  if (a.dtype().is(py::dtype::of<double>())) return DType::float64;
-  throw py::type_error(std::string(name) + " must be float32 or float64");
+  const py::dtype dtype = a.dtype();
+  if (dtype.is(py::dtype::of<float>())) return DType::float32;
+  if (dtype.is(py::dtype::of<double>())) return DType::float64;
+  if (dtype.is(py::dtype("float16"))) return DType::float16;
+  if (dtype.itemsize() == 2 && py::str(dtype.attr("name")).cast<std::string>() == "bfloat16") return DType::bfloat16;
+  throw py::type_error(std::string(name) + " must be float32, float64, float16 or bfloat16");
 }
 
 // q [batch..., Hq, L, E], k [batch..., Hk, S, E], v [batch..., Hv, S, Ev], out [batch..., Hq, L, Ev],
 // mask None or [batch..., Hq, L, S] (bool, float32 or float64; zero strides for broadcast dims).
 // window sides < 0 are unbounded; causal caps the right side at 0. alibi_slopes None or float64
 // [batch..., Hq]; kv_lengths None or int64 [batch...], each in [0, S]; lse None or [batch..., Hq, L]
-// of out's dtype.
+// of the compute dtype (out's, float32 for half precision).
 void attention_forward_py(const py::array& q, const py::array& k, const py::array& v, py::array& out,
                           const py::object& mask, double scale, bool causal, int num_threads,
                           bool align_bottom_right, int64_t window_left, int64_t window_right, double softcap,
@@ -171,7 +175,8 @@ void attention_forward_py(const py::array& q, const py::array& k, const py::arra
   }
   if (!lse.is_none()) {
     auto a = py::reinterpret_borrow<py::array>(lse);
-    if (dtype_of(a, "lse") != p.dtype) throw py::type_error("lse must have out's dtype");
+    const DType compute = p.dtype == DType::float64 ? DType::float64 : DType::float32;
+    if (dtype_of(a, "lse") != compute) throw py::type_error("lse must be float64 for float64 inputs, else float32");
     if (!a.writeable()) fail("lse must be writeable");
     p.lse_strides = tail_strides(a, "lse", q, {p.num_heads_q, p.seqlen_q});
     p.lse_ptr = a.mutable_data();

@@ -8,7 +8,7 @@ namespace fastattn {
 // Batch dims beyond heads; every operand is viewed as [batch..., head, row, col].
 inline constexpr int kMaxBatchDims = 6;
 
-enum class DType : int32_t { float32, float64 };
+enum class DType : int32_t { float32, float64, float16, bfloat16 };
 
 enum class MaskKind : int32_t {
   none,
@@ -25,7 +25,7 @@ struct Strides {
 };
 
 struct AttentionParams {
-  DType dtype;  // of q, k, v and out
+  DType dtype;  // of q, k, v and out; float16 and bfloat16 are computed in float32
 
   int32_t batch_ndim;
   int64_t batch_shape[kMaxBatchDims];
@@ -59,7 +59,7 @@ struct AttentionParams {
   const double* alibi_slopes;   // [batch..., Hq] or null: adds -slope * |d(i) - j|
   Strides alibi_strides;        // batch and head
 
-  void* lse_ptr;  // [batch..., Hq, L] of the output dtype, or null: log-sum-exp of each row's scores
+  void* lse_ptr;  // [batch..., Hq, L] of the compute dtype (float32 for halves), or null: log-sum-exp of each row's scores
   Strides lse_strides;  // batch, head, and row (in .row)
 
   int32_t num_threads;

@@ -7,10 +7,12 @@
 namespace fastattn::avx512 {
 
 void attention_forward(const AttentionParams& p) {
-  if (p.dtype == DType::float32)
-    attention_forward_typed<VecAvx512<float>>(p);
-  else
-    attention_forward_typed<VecAvx512<double>>(p);
+  switch (p.dtype) {
+    case DType::float32: return attention_forward_typed<VecAvx512<float>>(p);
+    case DType::float64: return attention_forward_typed<VecAvx512<double>>(p);
+    case DType::float16: return attention_forward_typed<VecAvx512<float>, float16>(p);
+    case DType::bfloat16: return attention_forward_typed<VecAvx512<float>, bfloat16>(p);
+  }
 }
 
 }  // namespace fastattn::avx512

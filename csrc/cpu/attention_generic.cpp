@@ -8,10 +8,13 @@
 namespace fastattn::generic {
 
 void attention_forward(const AttentionParams& p) {
-  if (p.dtype == DType::float32)
-    attention_forward_typed<VecGeneric<float, 4>>(p);
-  else
-    attention_forward_typed<VecGeneric<double, 2>>(p);
+  using F = VecGeneric<float, 4>;
+  switch (p.dtype) {
+    case DType::float32: return attention_forward_typed<F>(p);
+    case DType::float64: return attention_forward_typed<VecGeneric<double, 2>>(p);
+    case DType::float16: return attention_forward_typed<F, float16>(p);
+    case DType::bfloat16: return attention_forward_typed<F, bfloat16>(p);
+  }
 }
 
 }  // namespace fastattn::generic

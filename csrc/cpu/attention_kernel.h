@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <mutex>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/decode_kernel.h"
@@ -72,7 +73,7 @@ class WorkRuns {
 // Work items (batch element, query head, query tile) in WorkRuns. Consecutive items are tiles of one
 // head, so its K and V stay in L2 (heads in turn ran at 2/3 of the speed); within a head the last
 // tiles, the heaviest under causal, come first.
-template <class V, class MaskT>
+template <class V, class S, class MaskT>
 void run_tiles(const AttentionParams& p) {
   using T = typename V::value_type;
   constexpr int M = Tile<V>::kBlockM;
@@ -82,20 +83,20 @@ void run_tiles(const AttentionParams& p) {
   std::atomic<bool> out_of_memory{false};
 #pragma omp parallel num_threads(p.num_threads)
   {
-    TileScratch<V> scratch(p.head_dim, p.head_dim_v);
+    TileScratch<V> scratch(p.head_dim, p.head_dim_v, /*convert_kv=*/!std::is_same_v<S, T>);
     if (!scratch.ok()) out_of_memory = true;
     for (int64_t item; scratch.ok() && runs.next(omp_get_thread_num(), item);) {
       const int64_t tile = tiles_per_head - 1 - item % tiles_per_head;
       const int64_t head = item / tiles_per_head % p.num_heads_q;
       const BatchIndex batch(p, item / tiles_per_head / p.num_heads_q);
-      attend_tile<V, MaskT>(p, head_views<T>(p, batch, head), tile * M, scratch);
+      attend_tile<V, MaskT>(p, head_views<S>(p, batch, head), tile * M, scratch);
     }
   }
   if (out_of_memory) throw std::bad_alloc();
 }
 
 // Work items (batch element, head group, key split), then one merge per output row.
-template <class V, class MaskT>
+template <class V, class S, class MaskT>
 void run_decode(const AttentionParams& p) {
   using T = typename V::value_type;
   const DecodeShape shape(p);
@@ -115,9 +116,9 @@ void run_decode(const AttentionParams& p) {
       const int64_t split = item % shape.splits;
       const int64_t group = item / shape.splits % groups;
       const BatchIndex batch(p, item / shape.splits / groups);
-      HeadViews<T> heads[Decode::kMaxRows];
+      HeadViews<S> heads[Decode::kMaxRows];
       for (int64_t g = 0; g < shape.group_heads; ++g)
-        heads[g] = head_views<T>(p, batch, group * shape.group_heads + g);
+        heads[g] = head_views<S>(p, batch, group * shape.group_heads + g);
       const int64_t key_begin = split * Decode::kSplitKeys;
       const int64_t key_end = std::min(p.seqlen_k, key_begin + Decode::kSplitKeys);
       decode_split<V, MaskT>(p, heads, shape, key_begin, key_end, scratch, states.data() + item * split_stride);
@@ -131,23 +132,24 @@ void run_decode(const AttentionParams& p) {
       const int64_t batch_flat = row_item / shape.rows / groups;
       const BatchIndex batch(p, batch_flat);
       const int64_t head = group * shape.group_heads + row / p.seqlen_q;
-      const T* first_split = states.data() + (batch_flat * groups + group) * shape.splits * split_stride;
-      merge_splits<T>(first_split + row * (2 + p.head_dim_v), shape.splits, split_stride, p.head_dim_v,
-                      head_views<T>(p, batch, head), row % p.seqlen_q);
+      T* first_split = states.data() + (batch_flat * groups + group) * shape.splits * split_stride;
+      merge_splits(first_split + row * (2 + p.head_dim_v), shape.splits, split_stride, p.head_dim_v,
+                   head_views<S>(p, batch, head), row % p.seqlen_q);
     }
   }
   if (out_of_memory) throw std::bad_alloc();
 }
 
-template <class V>
+// V: the compute vector (float for half precision); S: the storage type of q, k, v and out.
+template <class V, class S = typename V::value_type>
 void attention_forward_typed(const AttentionParams& p) {
   if (batch_count(p) * p.num_heads_q * p.seqlen_q == 0) return;
   visit_mask_type(p, [&](auto mask_type) {
     using MaskT = typename decltype(mask_type)::type;
     if (use_decode_kernel(p))
-      run_decode<V, MaskT>(p);
+      run_decode<V, S, MaskT>(p);
     else
-      run_tiles<V, MaskT>(p);
+      run_tiles<V, S, MaskT>(p);
   });
 }
 

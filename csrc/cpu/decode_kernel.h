@@ -95,9 +95,8 @@ inline constexpr int kDecodeKeyBlock = 4;
 // scores[r * W + j] = q_r . k[key + j] for RB rows and NK consecutive keys: RB * NK dot products in
 // flight, each K load shared by the RB rows. q rows are zero-padded to whole vectors; k rows are
 // read exactly.
-template <class V, int RB, int NK>
-void score_keys_decode(const typename V::value_type* q, int64_t q_stride,
-                       const MatrixView<const typename V::value_type>& k, int64_t key, int64_t head_dim,
+template <class V, int RB, int NK, class S>
+void score_keys_decode(const typename V::value_type* q, int64_t q_stride, const MatrixView<const S>& k, int64_t key, int64_t head_dim,
                        typename V::value_type* scores) {
   constexpr int W = V::size;
   V sum[RB][NK];
@@ -123,8 +122,8 @@ void score_keys_decode(const typename V::value_type* q, int64_t q_stride,
 // For RB rows: acc_r[e0 .. e0 + NV * W) = alpha_r * acc_r + sum_j p_rj v[key + j][e], with the
 // RB * NV accumulators in registers and each V load shared by the rows; the last vector holds
 // last_cols columns.
-template <class V, int RB, int NV>
-void accumulate_values_decode(const MatrixView<const typename V::value_type>& v, int64_t key, int keys,
+template <class V, int RB, int NV, class S>
+void accumulate_values_decode(const MatrixView<const S>& v, int64_t key, int keys,
                               const typename V::value_type* probs, const typename V::value_type* alpha,
                               int64_t e0, int last_cols, typename V::value_type* acc, int64_t acc_stride) {
   constexpr int W = V::size;
@@ -133,7 +132,7 @@ void accumulate_values_decode(const MatrixView<const typename V::value_type>& v,
     for (int c = 0; c < NV; ++c) sum[r][c] = V::load(acc + r * acc_stride + e0 + c * W) * V::broadcast(alpha[r]);
   int j = 0;  // keys >= 1; a do-while for the same reason as in score_keys_decode
   do {
-    const typename V::value_type* row = &v(key + j, e0);
+    const S* row = &v(key + j, e0);
     V value[NV];
     for (int c = 0; c < NV - 1; ++c) value[c] = V::load(row + c * W);
     value[NV - 1] = last_cols == W ? V::load(row + (NV - 1) * W) : V::load_partial(row + (NV - 1) * W, last_cols);
@@ -161,21 +160,22 @@ void for_row_blocks(int64_t rows, F&& f) {
 template <class V, int RB>
 inline constexpr int kDecodeValueVectors = std::max(1, (V::kRegisters / 2) / RB);
 
-template <class V, int RB, int NV = kDecodeValueVectors<V, RB>>
-void accumulate_values_decode_tail(int vectors, const MatrixView<const typename V::value_type>& v, int64_t key,
+template <class V, int RB, int NV, class S>
+void accumulate_values_decode_tail(int vectors, const MatrixView<const S>& v, int64_t key,
                                    int keys, const typename V::value_type* probs, const typename V::value_type* alpha,
                                    int64_t e0, int last_cols, typename V::value_type* acc, int64_t acc_stride) {
   if constexpr (NV > 0) {
     if (vectors == NV)
       return accumulate_values_decode<V, RB, NV>(v, key, keys, probs, alpha, e0, last_cols, acc, acc_stride);
-    accumulate_values_decode_tail<V, RB, NV - 1>(vectors, v, key, keys, probs, alpha, e0, last_cols, acc, acc_stride);
+    accumulate_values_decode_tail<V, RB, NV - 1, S>(vectors, v, key, keys, probs, alpha, e0, last_cols, acc, acc_stride);
   }
 }
 
 // One split of one group: keys [key_begin, key_end) against all rows; leaves each row's m, l and
-// acc in `states` ([rows][2 + head_dim_v]).
-template <class V, class MaskT>
-void decode_split(const AttentionParams& p, const HeadViews<typename V::value_type>* heads,
+// acc in `states` ([rows][2 + head_dim_v]). K and V are read in their storage type S (half the
+// bytes for half precision) and converted as they are loaded.
+template <class V, class MaskT, class S>
+void decode_split(const AttentionParams& p, const HeadViews<S>* heads,
                   const DecodeShape& shape, int64_t key_begin, int64_t key_end, DecodeScratch<V>& s,
                   typename V::value_type* states) {
   using T = typename V::value_type;
@@ -184,13 +184,13 @@ void decode_split(const AttentionParams& p, const HeadViews<typename V::value_ty
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const int64_t L = p.seqlen_q, E = p.head_dim, Ev = p.head_dim_v, rows = shape.rows;
   const T q_scale = static_cast<T>(p.scale);
-  const MatrixView<const T>& k = heads[0].k;  // one K and one V head for the whole group
-  const MatrixView<const T>& v = heads[0].v;
+  const MatrixView<const S>& k = heads[0].k;  // one K and one V head for the whole group
+  const MatrixView<const S>& v = heads[0].v;
 
   for (int64_t r = 0; r < rows; ++r) {
-    const MatrixView<const T>& q = heads[r / L].q;
+    const MatrixView<const S>& q = heads[r / L].q;
     T* q_row = s.q + r * s.q_stride;
-    for (int64_t d = 0; d < s.q_stride; ++d) q_row[d] = d < E ? q(r % L, d) * q_scale : T(0);
+    for (int64_t d = 0; d < s.q_stride; ++d) q_row[d] = d < E ? to_compute<T>(q(r % L, d)) * q_scale : T(0);
     for (int64_t e = 0; e < s.acc_stride; ++e) s.acc[r * s.acc_stride + e] = T(0);
     RowState<T> state{states + r * (2 + Ev)};
     state.m() = neg_inf;
@@ -211,8 +211,8 @@ void decode_split(const AttentionParams& p, const HeadViews<typename V::value_ty
       // The prefetches are spread over the chunk's work: issued all at once they filled the line
       // fill buffers and stalled the work behind them until memory answered (GQA decode +15%).
       for (int64_t a = ahead + j; a < std::min(key_end, ahead + j + kDecodeKeyBlock); ++a) {
-        for (int64_t d = 0; d < E; d += 64 / sizeof(T)) __builtin_prefetch(&k(a, d));
-        for (int64_t e = 0; e < Ev; e += 64 / sizeof(T)) __builtin_prefetch(&v(a, e));
+        for (int64_t d = 0; d < E; d += 64 / sizeof(S)) __builtin_prefetch(&k(a, d));
+        for (int64_t e = 0; e < Ev; e += 64 / sizeof(S)) __builtin_prefetch(&v(a, e));
       }
       for_row_blocks<RB>(rows, [&](auto block, int64_t r) {
         score_keys_decode<V, decltype(block)::value, kDecodeKeyBlock>(s.q + r * s.q_stride, s.q_stride, k,
@@ -226,7 +226,7 @@ void decode_split(const AttentionParams& p, const HeadViews<typename V::value_ty
       });
 
     for (int64_t r = 0; r < rows; ++r) {
-      const HeadViews<T>& h = heads[r / L];
+      const HeadViews<S>& h = heads[r / L];
       const int64_t query = r % L;
       RowState<T> state{states + r * (2 + Ev)};
       T* row_scores = s.scores + r * W;
@@ -262,7 +262,7 @@ void decode_split(const AttentionParams& p, const HeadViews<typename V::value_ty
       const int vectors = static_cast<int>((cols + W - 1) / W);
       const int last_cols = static_cast<int>(cols - (vectors - 1) * W);
       for_row_blocks<RB>(rows, [&](auto block, int64_t r) {
-        accumulate_values_decode_tail<V, decltype(block)::value, kDecodeValueVectors<V, RB>>(
+        accumulate_values_decode_tail<V, decltype(block)::value, kDecodeValueVectors<V, RB>, S>(
             vectors, v, chunk, keys, s.scores + r * W, s.alpha + r, e0, last_cols, s.acc + r * s.acc_stride,
             s.acc_stride);
       });
@@ -275,26 +275,25 @@ void decode_split(const AttentionParams& p, const HeadViews<typename V::value_ty
 }
 
 // Combines the splits of one row: out = sum_s acc_s e^(m_s - m) / sum_s l_s e^(m_s - m),
-// m = max_s m_s, in split order. Splits that saw no visible key (m_s = -inf) add nothing; a row
-// with none at all gives zeros (and log-sum-exp -inf).
-template <class T>
-void merge_splits(const T* states, int64_t splits, int64_t split_stride, int64_t head_dim_v,
-                  const HeadViews<T>& h, int64_t query) {
-  const MatrixView<T>& out = h.out;
+// m = max_s m_s, in split order, summed into the first split's acc. Splits that saw no visible key
+// (m_s = -inf) add nothing; a row with none at all gives zeros (and log-sum-exp -inf).
+template <class T, class S>
+void merge_splits(T* states, int64_t splits, int64_t split_stride, int64_t head_dim_v, const HeadViews<S>& h,
+                  int64_t query) {
   T m = -std::numeric_limits<T>::infinity();
-  for (int64_t sp = 0; sp < splits; ++sp) m = std::max(m, RowState<const T>{states + sp * split_stride}.m());
+  for (int64_t sp = 0; sp < splits; ++sp) m = std::max(m, RowState<T>{states + sp * split_stride}.m());
   const T m_sub = m == -std::numeric_limits<T>::infinity() ? T(0) : m;
+  T* const sum = RowState<T>{states}.acc();
   T l = 0;
-  for (int64_t e = 0; e < head_dim_v; ++e) out(query, e) = T(0);
   for (int64_t sp = 0; sp < splits; ++sp) {
-    const RowState<const T> state{states + sp * split_stride};
+    const RowState<T> state{states + sp * split_stride};
     const T weight = std::exp(state.m() - m_sub);
     l += state.l() * weight;
-    for (int64_t e = 0; e < head_dim_v; ++e) out(query, e) += state.acc()[e] * weight;
+    for (int64_t e = 0; e < head_dim_v; ++e) sum[e] = sp == 0 ? state.acc()[e] * weight : sum[e] + state.acc()[e] * weight;
   }
   const T inv_l = l == T(0) ? T(0) : T(1) / l;
   if (h.lse) h.lse[query * h.lse_row] = l == T(0) ? -std::numeric_limits<T>::infinity() : m_sub + std::log(l);
-  for (int64_t e = 0; e < head_dim_v; ++e) out(query, e) *= inv_l;
+  for (int64_t e = 0; e < head_dim_v; ++e) h.out(query, e) = to_storage<S>(sum[e] * inv_l);
 }
 
 }  // namespace fastattn::FASTATTN_CPU_ISA

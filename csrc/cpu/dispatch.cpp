@@ -18,7 +18,10 @@ bool always() { return true; }
 
 #if defined(FASTATTN_X86_KERNELS)
 // libgcc's checks include the OS saving the wider registers (XGETBV), not only CPUID.
-bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+// F16C (half-precision conversion) came with Ivy Bridge, before AVX2: every AVX2 CPU has it.
+bool cpu_has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
 // The AVX-512 file is compiled with F, BW, VL and DQ: the compiler may use any of them.
 bool cpu_has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&

@@ -8,6 +8,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "cpu/half.h"
 #include "params.h"
 
 #ifndef FASTATTN_CPU_ISA
@@ -24,13 +25,15 @@ struct MatrixView {
   T& operator()(int64_t i, int64_t j) const { return data[i * row + j * col]; }
 };
 
-// Everything about one (batch element, query head): its q and out rows, the k and v heads it reads,
-// its mask plane (element (i, j) at mask + i * mask_row + j * mask_col, in MaskT units), which keys
-// its rows see, its ALiBi slope and where its rows' log-sum-exp goes.
-template <class T>
+// Everything about one (batch element, query head): its q and out rows, the k and v heads it reads
+// (of storage type S, computed in T), its mask plane (element (i, j) at mask + i * mask_row +
+// j * mask_col, in MaskT units), which keys its rows see, its ALiBi slope and where its rows'
+// log-sum-exp goes.
+template <class S>
 struct HeadViews {
-  MatrixView<const T> q, k, v;
-  MatrixView<T> out;
+  using T = compute_t<S>;
+  MatrixView<const S> q, k, v;
+  MatrixView<S> out;
   const void* mask;
   int64_t mask_row, mask_col;
   int64_t seqlen_k;   // keys of this batch element (kv_lengths); no key at or past it exists
@@ -46,8 +49,8 @@ struct KeyRange {
   int64_t begin, end;
 };
 
-template <class T>
-KeyRange visible_keys(const AttentionParams& p, const HeadViews<T>& h, int64_t first_row, int64_t last_row) {
+template <class S>
+KeyRange visible_keys(const AttentionParams& p, const HeadViews<S>& h, int64_t first_row, int64_t last_row) {
   int64_t begin = 0, end = h.seqlen_k;
   if (p.window_left >= 0) begin = std::max<int64_t>(begin, first_row + h.diagonal - p.window_left);
   if (p.window_right >= 0) end = std::min<int64_t>(end, last_row + h.diagonal + p.window_right + 1);
@@ -67,6 +70,8 @@ inline bool in_window(const AttentionParams& p, int64_t diagonal, int64_t query,
   const int64_t offset = key - (query + diagonal);  // key - d(i)
   return (p.window_left < 0 || offset >= -p.window_left) && (p.window_right < 0 || offset <= p.window_right);
 }
+
+inline int64_t dtype_size(DType dtype) { return dtype == DType::float64 ? 8 : dtype == DType::float32 ? 4 : 2; }
 
 // Splits a flat batch index into the (broadcast) batch dims.
 struct BatchIndex {
@@ -91,18 +96,19 @@ inline int64_t offset_of(const AttentionParams& p, const Strides& st, const Batc
   return off;
 }
 
-template <class T>
-HeadViews<T> head_views(const AttentionParams& p, const BatchIndex& b, int64_t head) {
+template <class S>
+HeadViews<S> head_views(const AttentionParams& p, const BatchIndex& b, int64_t head) {
+  using T = compute_t<S>;
   auto input = [&](const void* base, const Strides& st, int64_t h) {
-    return MatrixView<const T>{static_cast<const T*>(base) + offset_of(p, st, b, h), st.row, st.col};
+    return MatrixView<const S>{static_cast<const S*>(base) + offset_of(p, st, b, h), st.row, st.col};
   };
-  HeadViews<T> views;
+  HeadViews<S> views;
   views.q = input(p.q_ptr, p.q_strides, head);
   views.k = input(p.k_ptr, p.k_strides, head / (p.num_heads_q / p.num_heads_k));
   views.v = input(p.v_ptr, p.v_strides, head / (p.num_heads_q / p.num_heads_v));
-  views.out = MatrixView<T>{static_cast<T*>(p.out_ptr) + offset_of(p, p.out_strides, b, head),
+  views.out = MatrixView<S>{static_cast<S*>(p.out_ptr) + offset_of(p, p.out_strides, b, head),
                             p.out_strides.row, p.out_strides.col};
-  const int64_t mask_item_size = p.mask_kind == MaskKind::boolean ? 1 : p.mask_dtype == DType::float64 ? 8 : 4;
+  const int64_t mask_item_size = p.mask_kind == MaskKind::boolean ? 1 : dtype_size(p.mask_dtype);
   views.mask = p.mask_kind == MaskKind::none
                    ? nullptr
                    : static_cast<const char*>(p.mask_ptr) + mask_item_size * offset_of(p, p.mask_strides, b, head);
@@ -116,7 +122,8 @@ HeadViews<T> head_views(const AttentionParams& p, const BatchIndex& b, int64_t h
   return views;
 }
 
-// The mask's element type: void (no mask), uint8_t (NumPy bool, nonzero = may attend), float, double.
+// The mask's element type: void (no mask), uint8_t (NumPy bool, nonzero = may attend), or that of a
+// float mask: float, double, float16, bfloat16.
 template <class MaskT>
 struct MaskType {
   using type = MaskT;
@@ -128,20 +135,26 @@ void visit_mask_type(const AttentionParams& p, F&& f) {
     case MaskKind::none: return f(MaskType<void>{});
     case MaskKind::boolean: return f(MaskType<uint8_t>{});
     case MaskKind::additive:
-      if (p.mask_dtype == DType::float32) return f(MaskType<float>{});
-      return f(MaskType<double>{});
+      switch (p.mask_dtype) {
+        case DType::float32: return f(MaskType<float>{});
+        case DType::float64: return f(MaskType<double>{});
+        case DType::float16: return f(MaskType<float16>{});
+        case DType::bfloat16: return f(MaskType<bfloat16>{});
+      }
   }
 }
 
 // A score after the mask of (query, key): -inf when hidden, plus the float mask.
-template <class MaskT, class T>
-T apply_mask(T score, const HeadViews<T>& h, int64_t query, int64_t key) {
+template <class MaskT, class S, class T = compute_t<S>>
+T apply_mask(T score, const HeadViews<S>& h, int64_t query, int64_t key) {
   if constexpr (std::is_void_v<MaskT>) {
     return score;
   } else {
     const MaskT m = static_cast<const MaskT*>(h.mask)[query * h.mask_row + key * h.mask_col];
     if constexpr (std::is_same_v<MaskT, uint8_t>) {
       return m != 0 ? score : -std::numeric_limits<T>::infinity();
+    } else if constexpr (is_half_v<MaskT>) {
+      return score + to_compute<T>(m);
     } else if constexpr (sizeof(MaskT) > sizeof(T)) {
       // A float64 mask on float32 scores: huge finite values (a "minus infinity" written as
       // -1e300) stay finite, as in the float64 reference, instead of rounding to -inf.

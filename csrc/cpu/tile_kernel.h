@@ -57,36 +57,82 @@ struct TileLanes {
 template <class V>
 struct TileScratch : TileLanes<V> {
   using T = typename V::value_type;
-  static constexpr int64_t M = Tile<V>::kBlockM;
+  static constexpr int64_t M = Tile<V>::kBlockM, N = Tile<V>::kBlockN;
   AlignedBuffer<T> memory;
+  T* k_block;  // [BLOCK_N][head_dim], a block of half-precision keys converted (see key_block)
+  T* v_block;  // [BLOCK_N][head_dim_v]
 
   // Every piece is a multiple of BLOCK_M elements, hence of the vector width: all stay aligned.
-  TileScratch(int64_t head_dim, int64_t head_dim_v) : memory((head_dim + Tile<V>::kBlockN + head_dim_v + 4) * M) {
+  TileScratch(int64_t head_dim, int64_t head_dim_v, bool convert_kv)
+      : memory((head_dim + N + head_dim_v + 4) * M + (convert_kv ? N * (head_dim + head_dim_v) : 0)) {
     this->q_tile = memory.data();
     this->scores = this->q_tile + head_dim * M;
-    this->acc = this->scores + Tile<V>::kBlockN * M;
+    this->acc = this->scores + N * M;
     this->row_max = this->acc + head_dim_v * M;
     this->row_sum = this->row_max + M;
     this->alpha = this->row_sum + M;
     this->lane_index = this->alpha + M;
+    k_block = this->lane_index + M;
+    v_block = k_block + N * head_dim;
     if (ok())
       for (int i = 0; i < M; ++i) this->lane_index[i] = static_cast<T>(i);
   }
   bool ok() const { return memory.data() != nullptr; }
 };
 
+// The keys of one block as the micro-kernels read them, in the compute type: key j of the head is
+// row j - first of k and v.
+template <class T>
+struct KeyBlock {
+  MatrixView<const T> k, v;
+  int64_t first;
+};
+
+// Rows [first, first + rows) of x converted into dense rows of T at dst.
+template <class V, class S>
+MatrixView<const typename V::value_type> convert_rows(const MatrixView<const S>& x, int64_t first, int rows,
+                                                      int64_t cols, typename V::value_type* dst) {
+  using T = typename V::value_type;
+  constexpr int W = V::size;
+  for (int r = 0; r < rows; ++r) {
+    T* row = dst + r * cols;
+    if (x.col != 1) {
+      for (int64_t c = 0; c < cols; ++c) row[c] = to_compute<T>(x(first + r, c));
+      continue;
+    }
+    const S* source = x.data + (first + r) * x.row;
+    int64_t c = 0;
+    for (; c + W <= cols; c += W) V::load(source + c).store(row + c);
+    if (c < cols) V::load_partial(source + c, static_cast<int>(cols - c)).store_partial(row + c, static_cast<int>(cols - c));
+  }
+  return {dst, cols, 1};
+}
+
+// Keys [key_begin, key_begin + keys): read in place, or (half precision) converted once per block
+// into the scratch, so the micro-kernels below always see the compute type.
+template <class V, class S>
+KeyBlock<typename V::value_type> key_block(const AttentionParams& p, const HeadViews<S>& h, int64_t key_begin,
+                                           int keys, const TileScratch<V>& s) {
+  if constexpr (std::is_same_v<S, typename V::value_type>) {
+    return {h.k, h.v, 0};
+  } else {
+    return {convert_rows<V>(h.k, key_begin, keys, p.head_dim, s.k_block),
+            convert_rows<V>(h.v, key_begin, keys, p.head_dim_v, s.v_block), key_begin};
+  }
+}
+
 // Loads the query tile transposed and pre-scaled; rows past the end are zero. Rows with unit column
 // stride go through square in-register transposes; any other layout element by element (vector
 // gathers were slower here: Zen 4 microcodes them).
-template <class V, int R>
-void pack_query_tile(const MatrixView<const typename V::value_type>& q, int64_t row_begin,
+template <class V, int R, class S>
+void pack_query_tile(const MatrixView<const S>& q, int64_t row_begin,
                      int64_t rows, int64_t head_dim, typename V::value_type q_scale, TileScratch<V>& s) {
   using T = typename V::value_type;
   constexpr int W = V::size, M = Tile<V>::kBlockM;
   if (q.col != 1) {
     for (int64_t d = 0; d < head_dim; ++d) {
       T* column = s.q_tile + d * M;
-      for (int64_t r = 0; r < rows; ++r) column[r] = q(row_begin + r, d) * q_scale;
+      for (int64_t r = 0; r < rows; ++r) column[r] = to_compute<T>(q(row_begin + r, d)) * q_scale;
       for (int64_t r = rows; r < R * W; ++r) column[r] = T(0);
     }
     return;
@@ -101,7 +147,7 @@ void pack_query_tile(const MatrixView<const typename V::value_type>& q, int64_t 
           block[i] = V::zero();
           continue;
         }
-        const T* row = &q(row_begin + r0 + i, d0);
+        const S* row = &q(row_begin + r0 + i, d0);
         block[i] = cols == W ? V::load(row) : V::load_partial(row, cols);
       }
       V::transpose(block);
@@ -112,8 +158,8 @@ void pack_query_tile(const MatrixView<const typename V::value_type>& q, int64_t 
 
 // out = acc / l_i, transposed back into the output rows; rows that saw no visible key (l_i = 0)
 // give zeros. In-register transposes for unit column stride, element by element otherwise.
-template <class V, int R>
-void store_output_tile(const MatrixView<typename V::value_type>& out, int64_t row_begin, int64_t rows,
+template <class V, int R, class S>
+void store_output_tile(const MatrixView<S>& out, int64_t row_begin, int64_t rows,
                        int64_t head_dim_v, TileScratch<V>& s) {
   using T = typename V::value_type;
   constexpr int W = V::size, M = Tile<V>::kBlockM;
@@ -121,7 +167,7 @@ void store_output_tile(const MatrixView<typename V::value_type>& out, int64_t ro
   for (int r = 0; r < R * W; ++r) inv_sum[r] = s.row_sum[r] == T(0) ? T(0) : T(1) / s.row_sum[r];
   if (out.col != 1) {
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t e = 0; e < head_dim_v; ++e) out(row_begin + r, e) = s.acc[e * M + r] * inv_sum[r];
+      for (int64_t e = 0; e < head_dim_v; ++e) out(row_begin + r, e) = to_storage<S>(s.acc[e * M + r] * inv_sum[r]);
     return;
   }
   for (int r0 = 0; r0 < rows; r0 += W) {
@@ -132,7 +178,7 @@ void store_output_tile(const MatrixView<typename V::value_type>& out, int64_t ro
       for (int i = 0; i < W; ++i) block[i] = i < cols ? V::load(s.acc + (e0 + i) * M + r0) * inv : V::zero();
       V::transpose(block);
       for (int i = 0; i < W && r0 + i < rows; ++i) {
-        T* row = &out(row_begin + r0 + i, e0);
+        S* row = &out(row_begin + r0 + i, e0);
         if (cols == W)
           block[i].store(row);
         else
@@ -190,8 +236,8 @@ void score_block(const MatrixView<const typename V::value_type>& k, int64_t key_
 }
 
 // Applies the caller's mask to the rows < rows_valid: -inf where hidden, plus a float mask.
-template <class V, class MaskT>
-void mask_block(const HeadViews<typename V::value_type>& h, int64_t row_begin, int64_t rows_valid,
+template <class V, class MaskT, class S>
+void mask_block(const HeadViews<S>& h, int64_t row_begin, int64_t rows_valid,
                 int64_t key_begin, int keys, const TileLanes<V>& s) {
   using T = typename V::value_type;
   constexpr int M = Tile<V>::kBlockM;
@@ -203,8 +249,8 @@ void mask_block(const HeadViews<typename V::value_type>& h, int64_t row_begin, i
 
 // Softcap, then the ALiBi bias -slope * |d(i) - j|, on the rows' scores of one block. Lane r is
 // query row_begin + r, so d(i) - j = r - (j - row_begin - diagonal).
-template <class V, int R>
-void transform_scores(const AttentionParams& p, const HeadViews<typename V::value_type>& h, int64_t row_begin,
+template <class V, int R, class S>
+void transform_scores(const AttentionParams& p, const HeadViews<S>& h, int64_t row_begin,
                       int64_t key_begin, int keys, const TileLanes<V>& s) {
   using T = typename V::value_type;
   constexpr int W = V::size, M = Tile<V>::kBlockM;
@@ -337,37 +383,37 @@ void accumulate_block(const MatrixView<const typename V::value_type>& v, int64_t
 
 // One block of keys against the R query vectors of `s` (query rows row_begin .. row_begin + rows - 1
 // valid; last_row is the tile's last row).
-template <class V, class MaskT, int R>
-void attend_block(const AttentionParams& p, const HeadViews<typename V::value_type>& h, int64_t row_begin,
-                  int64_t rows, int64_t last_row, int64_t key_begin, int keys, const TileLanes<V>& s) {
-  score_block<V, R>(h.k, key_begin, keys, p.head_dim, s);
+template <class V, class MaskT, int R, class S>
+void attend_block(const AttentionParams& p, const HeadViews<S>& h, const KeyBlock<typename V::value_type>& kv,
+                  int64_t row_begin, int64_t rows, int64_t last_row, int64_t key_begin, int keys,
+                  const TileLanes<V>& s) {
+  score_block<V, R>(kv.k, key_begin - kv.first, keys, p.head_dim, s);
   if (p.softcap > 0 || p.alibi_slopes) transform_scores<V, R>(p, h, row_begin, key_begin, keys, s);
   if constexpr (!std::is_void_v<MaskT>) mask_block<V, MaskT>(h, row_begin, rows, key_begin, keys, s);
   const bool cut = window_cuts(p, h.diagonal, row_begin, last_row, key_begin, key_begin + keys);
   if (cut) hide_outside_window<V, R>(p, h.diagonal, row_begin, key_begin, keys, s);
   const bool may_hide = !std::is_void_v<MaskT> || cut;
   const bool rescale = may_hide ? softmax_block<V, R, true>(keys, s) : softmax_block<V, R, false>(keys, s);
-  accumulate_block<V, R>(h.v, key_begin, keys, p.head_dim_v, rescale, s);
+  accumulate_block<V, R>(kv.v, key_begin - kv.first, keys, p.head_dim_v, rescale, s);
 }
 
 // The same, for the tile's query vectors from `first` on (the earlier ones see none of the keys).
-template <class V, class MaskT, int R>
-void attend_block_from(int first, const AttentionParams& p, const HeadViews<typename V::value_type>& h,
-                       int64_t row_begin, int64_t rows, int64_t last_row, int64_t key_begin, int keys,
+template <class V, class MaskT, int R, class S>
+void attend_block_from(int first, const AttentionParams& p, const HeadViews<S>& h,
+                       const KeyBlock<typename V::value_type>& kv, int64_t row_begin, int64_t rows, int64_t last_row, int64_t key_begin, int keys,
                        const TileLanes<V>& s) {
   constexpr int W = V::size;
   if constexpr (R > 1)
     if (first > 0)
-      return attend_block_from<V, MaskT, R - 1>(first - 1, p, h, row_begin + W, rows - W, last_row, key_begin,
+      return attend_block_from<V, MaskT, R - 1>(first - 1, p, h, kv, row_begin + W, rows - W, last_row, key_begin,
                                                 keys, s.from_vector(1));
-  attend_block<V, MaskT, R>(p, h, row_begin, rows, last_row, key_begin, keys, s);
+  attend_block<V, MaskT, R>(p, h, kv, row_begin, rows, last_row, key_begin, keys, s);
 }
 
 // One query tile of one head, R vectors of queries (fewer than kVectors only for the last tile
 // of a head, so a ragged end wastes less than one vector), against all the keys it can see.
-template <class V, class MaskT, int R>
-void attend_tile(const AttentionParams& p, const HeadViews<typename V::value_type>& h,
-                 int64_t row_begin, TileScratch<V>& s) {
+template <class V, class MaskT, int R, class S>
+void attend_tile(const AttentionParams& p, const HeadViews<S>& h, int64_t row_begin, TileScratch<V>& s) {
   using T = typename V::value_type;
   constexpr int W = V::size, M = Tile<V>::kBlockM, N = Tile<V>::kBlockN;
   const int64_t rows = std::min<int64_t>(R * W, p.seqlen_q - row_begin);
@@ -397,18 +443,19 @@ void attend_tile(const AttentionParams& p, const HeadViews<typename V::value_typ
   int64_t prefetched = 0;
   auto prefetch_output = [&] {
     for (const int64_t end = std::min(rows, prefetched + rows_per_block); prefetched < end; ++prefetched)
-      for (int64_t e = 0; e < p.head_dim_v; e += 64 / sizeof(T)) __builtin_prefetch(&h.out(row_begin + prefetched, e), 1);
+      for (int64_t e = 0; e < p.head_dim_v; e += 64 / sizeof(S)) __builtin_prefetch(&h.out(row_begin + prefetched, e), 1);
   };
   for (int64_t key_begin = range.begin; key_begin < hidden_begin; key_begin += N) {
     const int keys = static_cast<int>(std::min<int64_t>(N, hidden_begin - key_begin));
     prefetch_output();
-    attend_block<V, MaskT, R>(p, h, row_begin, rows, last_row, key_begin, keys, s);
+    attend_block<V, MaskT, R>(p, h, key_block(p, h, key_begin, keys, s), row_begin, rows, last_row, key_begin, keys, s);
   }
   for (int64_t key_begin = hidden_begin, first = 0; key_begin < range.end; ++first) {
     const int64_t key_end = std::min(range.end, hidden_begin + (first + 1) * W - 1);  // vector `first`'s last key + 1
+    const int keys = static_cast<int>(key_end - key_begin);
     prefetch_output();
-    attend_block_from<V, MaskT, R>(static_cast<int>(first), p, h, row_begin, rows, last_row, key_begin,
-                                   static_cast<int>(key_end - key_begin), s);
+    attend_block_from<V, MaskT, R>(static_cast<int>(first), p, h, key_block(p, h, key_begin, keys, s), row_begin, rows,
+                                   last_row, key_begin, keys, s);
     key_begin = key_end;
   }
 
@@ -420,9 +467,8 @@ void attend_tile(const AttentionParams& p, const HeadViews<typename V::value_typ
 }
 
 // The tile starting at row_begin, with as many query vectors as its rows need.
-template <class V, class MaskT>
-void attend_tile(const AttentionParams& p, const HeadViews<typename V::value_type>& h, int64_t row_begin,
-                 TileScratch<V>& s) {
+template <class V, class MaskT, class S>
+void attend_tile(const AttentionParams& p, const HeadViews<S>& h, int64_t row_begin, TileScratch<V>& s) {
   static_assert(Tile<V>::kVectors == 3, "one case per vector count below");
   switch ((std::min<int64_t>(Tile<V>::kBlockM, p.seqlen_q - row_begin) + V::size - 1) / V::size) {
     case 1: return attend_tile<V, MaskT, 1>(p, h, row_begin, s);

@@ -1,8 +1,12 @@
 // 256-bit AVX2 + FMA vectors: the same vocabulary as VecGeneric (the specification), for float
-// and double. Only for translation units compiled with -mavx2 -mfma.
+// and double. Only for translation units compiled with -mavx2 -mfma -mf16c.
 #pragma once
 
 #include <immintrin.h>
+
+#include <cstring>
+
+#include "cpu/half.h"
 
 #ifndef FASTATTN_CPU_ISA
 #error "define FASTATTN_CPU_ISA (the ISA's namespace) before including this header"
@@ -31,6 +35,39 @@ struct VecAvx2<float> {
   void store_partial(float* p, int n) const {
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes), v);
+  }
+  // Half-precision storage: float16 through F16C, bfloat16 by moving the bits (rounding to
+  // nearest even on the way back, as half.h does). Partial forms go through a whole vector's copy.
+  static VecAvx2 load(const float16* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+  static VecAvx2 load(const bfloat16* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))};
+  }
+  void store(float16* p) const {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  void store(bfloat16* p) const {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), odd);
+    const __m256i quiet_nan = _mm256_or_si256(bits, _mm256_set1_epi32(0x400000));
+    rounded = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(quiet_nan),
+                                                   _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    const __m256i high = _mm256_srli_epi32(rounded, 16);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1)));
+  }
+  template <class S, class = std::enable_if_t<is_half_v<S>>>
+  static VecAvx2 load_partial(const S* p, int n) {
+    S lanes[size] = {};
+    std::memcpy(lanes, p, n * sizeof(S));
+    return load(lanes);
+  }
+  template <class S, class = std::enable_if_t<is_half_v<S>>>
+  void store_partial(S* p, int n) const {
+    S lanes[size];
+    store(lanes);
+    std::memcpy(p, lanes, n * sizeof(S));
   }
   // Within each 128-bit half: interleave, then gather quarter-columns; then swap halves across rows.
   static void transpose(VecAvx2 (&r)[8]) {

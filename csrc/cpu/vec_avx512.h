@@ -4,6 +4,8 @@
 
 #include <immintrin.h>
 
+#include "cpu/half.h"
+
 #ifndef FASTATTN_CPU_ISA
 #error "define FASTATTN_CPU_ISA (the ISA's namespace) before including this header"
 #endif
@@ -28,6 +30,34 @@ struct VecAvx512<float> {
     return {_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p)};
   }
   void store_partial(float* p, int n) const { _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v); }
+  // Half-precision storage: float16 through F16C, bfloat16 by moving the bits (rounding to
+  // nearest even on the way back, as half.h does).
+  static VecAvx512 load(const float16* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))}; }
+  static VecAvx512 load(const bfloat16* p) { return from_halves(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static VecAvx512 load_partial(const float16* p, int n) {
+    return {_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p))};
+  }
+  static VecAvx512 load_partial(const bfloat16* p, int n) {
+    return from_halves(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p));
+  }
+  void store(float16* p) const { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_halves(float16{})); }
+  void store(bfloat16* p) const { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_halves(bfloat16{})); }
+  template <class S, class = std::enable_if_t<is_half_v<S>>>
+  void store_partial(S* p, int n) const {
+    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), to_halves(S{}));
+  }
+  static VecAvx512 from_halves(__m256i bfloat16_bits) {
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bfloat16_bits), 16))};
+  }
+  __m256i to_halves(float16) const { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  __m256i to_halves(bfloat16) const {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd);
+    const __m512i quiet_nan = _mm512_or_si512(bits, _mm512_set1_epi32(0x400000));
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_mask_blend_epi32(nan, rounded, quiet_nan), 16));
+  }
   // Within each 128-bit lane as for AVX2 (u[4i + k]: rows 4i..4i+3 of columns 4L + k in lane L),
   // then two rounds of 128-bit lane shuffles gather lane L of u[k], u[4 + k], u[8 + k], u[12 + k].
   static void transpose(VecAvx512 (&r)[16]) {

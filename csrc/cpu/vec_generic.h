@@ -9,6 +9,8 @@
 #include <utility>
 #include <type_traits>
 
+#include "cpu/half.h"
+
 #ifndef FASTATTN_CPU_ISA
 #error "define FASTATTN_CPU_ISA (the ISA's namespace) before including this header"
 #endif
@@ -43,6 +45,25 @@ struct VecGeneric {
   // Writes the first n lanes to p (0 <= n <= N); touches nothing past p + n.
   void store_partial(T* p, int n) const {
     for (int i = 0; i < n; ++i) p[i] = v[i];
+  }
+  // Half-precision storage (half.h): converted to T on loading, rounded on storing.
+  template <class S, class = std::enable_if_t<is_half_v<S>>>
+  static VecGeneric load(const S* p) {
+    return load_partial(p, N);
+  }
+  template <class S, class = std::enable_if_t<is_half_v<S>>>
+  static VecGeneric load_partial(const S* p, int n) {
+    VecGeneric r = zero();
+    for (int i = 0; i < n; ++i) r.v[i] = to_compute<T>(p[i]);
+    return r;
+  }
+  template <class S, class = std::enable_if_t<is_half_v<S>>>
+  void store(S* p) const {
+    store_partial(p, N);
+  }
+  template <class S, class = std::enable_if_t<is_half_v<S>>>
+  void store_partial(S* p, int n) const {
+    for (int i = 0; i < n; ++i) p[i] = to_storage<S>(v[i]);
   }
   // rows[i][j] <-> rows[j][i]: a square block of N x N elements, one row per vector.
   static void transpose(VecGeneric (&rows)[N]) {
