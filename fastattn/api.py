@@ -13,7 +13,21 @@ from .cuda import is_device_array
 __all__ = ["attention", "scaled_dot_product_attention", "set_num_threads", "get_num_threads",
            "cpu_info", "set_isa"]
 
-_SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FULL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _is_half(dtype):
+    """float16, or bfloat16 (ml_dtypes' NumPy type, known by name so fastattn need not import it)."""
+    return dtype == np.float16 or (dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16")
+
+
+def _is_supported(dtype):
+    return dtype in _FULL_DTYPES or _is_half(dtype)
+
+
+def _lse_dtype(dtype):
+    """Half-precision inputs are computed in float32, and their log-sum-exp is kept at that precision."""
+    return np.dtype(np.float32) if _is_half(dtype) else dtype
 _MAX_NDIM = 9  # batch dims, head, row, column: the kernel takes up to six batch dims
 
 
@@ -297,11 +311,13 @@ def _attention(q, k, v, mask, causal, scale, names, variants=_Variants(), heads=
     framework = interop.framework_of({names.q: q, names.k: k, names.v: v, names.mask: mask, "out": variants.out,
                                       "alibi_slopes": variants.alibi_slopes, "kv_lengths": variants.kv_lengths})
     if framework is not None:
-        views = variants._replace(**{field: interop.as_numpy(getattr(variants, field), field)
+        if framework == "jax" and variants.out is not None:
+            raise TypeError("out is a JAX array, but JAX arrays are immutable; leave out=None to get a new one")
+        views = variants._replace(**{field: interop.as_numpy(getattr(variants, field), field, framework)
                                      for field in ("out", "alibi_slopes", "kv_lengths")})
-        result = _attention(interop.as_numpy(q, names.q), interop.as_numpy(k, names.k),
-                            interop.as_numpy(v, names.v), interop.as_numpy(mask, names.mask), causal, scale,
-                            names, views, heads)
+        result = _attention(*(interop.as_numpy(x, name, framework) for x, name in
+                              ((q, names.q), (k, names.k), (v, names.v), (mask, names.mask))),
+                            causal, scale, names, views, heads)
         out, lse = result if variants.return_lse else (result, None)
         out = variants.out if variants.out is not None else interop.as_framework(out, framework)
         return out if lse is None else (out, interop.as_framework(lse, framework))
@@ -312,8 +328,9 @@ def _attention(q, k, v, mask, causal, scale, names, variants=_Variants(), heads=
     v = _check_array(v, names.v)
     if heads is not None:
         q, k, v = (_broadcast(x, x.shape[:-3] + (heads,) + x.shape[-2:]) for x in (q, k, v))
-    if q.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{names.q} has dtype {q.dtype}; fastattn supports float32 and float64")
+    if not _is_supported(q.dtype):
+        raise TypeError(f"{names.q} has dtype {q.dtype}; fastattn supports float32, float64, float16 and "
+                        f"bfloat16 (ml_dtypes.bfloat16)")
     for x, name in ((k, names.k), (v, names.v)):
         if x.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {x.dtype} but {names.q} has {q.dtype}; pass one dtype")
@@ -324,8 +341,9 @@ def _attention(q, k, v, mask, causal, scale, names, variants=_Variants(), heads=
     if mask is not None:
         if not isinstance(mask, np.ndarray):
             raise TypeError(f"{names.mask} must be a NumPy array or None, got {type(mask).__name__}")
-        if mask.dtype != np.bool_ and mask.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{names.mask} has dtype {mask.dtype}; use bool, float32 or float64")
+        if mask.dtype != np.bool_ and not _is_supported(mask.dtype):
+            raise TypeError(f"{names.mask} has dtype {mask.dtype}; use bool or a float dtype (float32, float64, "
+                            f"float16, bfloat16)")
         if not mask.dtype.isnative or not mask.flags.aligned:
             raise ValueError(f"{names.mask} must be aligned and in native byte order")
         mask = np.broadcast_to(mask, _mask_target(mask.shape, layout, names))  # broadcast dims: stride 0
@@ -338,8 +356,9 @@ def _attention(q, k, v, mask, causal, scale, names, variants=_Variants(), heads=
     out_shape = batch + (layout.heads_q, layout.seqlen_q, layout.head_dim_v)
     out = _check_out(variants.out, out_shape if ndim_out > 2 else out_shape[1:], q.dtype,
                      ((q, names.q), (k, names.k), (v, names.v), (mask, names.mask)))
-    result = np.empty(out_shape, dtype=q.dtype) if out is None else out if ndim_out > 2 else out[np.newaxis]
-    lse = np.empty(batch + (layout.heads_q, layout.seqlen_q), dtype=q.dtype) if variants.return_lse else None
+    result = interop.empty(out_shape, q.dtype) if out is None else out if ndim_out > 2 else out[np.newaxis]
+    lse_shape = batch + (layout.heads_q, layout.seqlen_q)
+    lse = interop.empty(lse_shape, _lse_dtype(q.dtype)) if variants.return_lse else None
     if math.prod(batch) * layout.heads_q * layout.seqlen_q > 0:
         _core.attention_forward(
             _broadcast(q, batch + q.shape[-3:]),
@@ -359,9 +378,10 @@ def attention(q, k, v, mask=None, *, causal=False, scale=None, align="top_left",
               alibi_slopes=None, kv_lengths=None, return_lse=False, out=None):
     """softmax(q k^T * scale + mask) v, fused: the L x S score matrix is never stored.
 
-    q (..., Hq, L, E), k (..., Hk, S, E), v (..., Hk, S, Ev); float32 or float64, any strides.
-    Batch dims broadcast. Query head h uses key/value head h // (Hq // Hk) (grouped-query attention).
-    mask: bool (True = may attend) or float (added to the scaled scores), broadcastable to
+    q (..., Hq, L, E), k (..., Hk, S, E), v (..., Hk, S, Ev); one dtype, float32, float64, float16
+    or bfloat16 (ml_dtypes.bfloat16), any strides. Half precision is computed in float32 (scores,
+    softmax, accumulation) and the result rounded to the input dtype. Batch dims broadcast. Query head h uses key/value head h // (Hq // Hk) (grouped-query attention).
+    mask: bool (True = may attend) or any float dtype (added to the scaled scores), broadcastable to
     (..., Hq, L, S). scale defaults to 1 / sqrt(E). A row with no visible key gives zeros.
     fastattn.reference draws every rule below.
 
@@ -374,12 +394,14 @@ def attention(q, k, v, mask=None, *, causal=False, scale=None, align="top_left",
     kv_lengths, the batch shape ((B,) for 4-D inputs), integers in [0, S]: keys j >= kv_lengths[b]
     do not exist for batch element b; bottom_right then uses kv_lengths[b] for S.
     return_lse: also return the natural log-sum-exp of each row's scores, (..., Hq, L) of q's
-    dtype, -inf for a row with no visible key (fastattn.merge_states combines such results).
+    dtype (float32 for half precision), -inf for a row with no visible key (fastattn.merge_states
+    combines such results).
     out: an array of the result's shape and dtype, any strides, not overlapping an input, written
     and returned instead of a new C-contiguous array.
 
-    PyTorch CPU tensors work in place of every array argument (all of them tensors, none requiring
-    grad): read where they are through DLPack, the result returned as a tensor (fastattn.interop).
+    PyTorch CPU tensors and JAX CPU arrays work in place of every array argument (all from one
+    framework; tensors not requiring grad): read where they are, the result returned in the caller's
+    framework (fastattn.interop says how, and the one case that copies).
     """
     variants = _Variants(align, window, softcap, alibi_slopes, kv_lengths, return_lse, out)
     return _attention(q, k, v, mask, causal, scale, _ATTENTION_NAMES, variants)

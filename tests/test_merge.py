@@ -249,3 +249,23 @@ LSE = np.zeros((2, 3), np.float32)
 def test_errors_name_the_part_and_argument(parts, error, message):
     with pytest.raises(error, match=message):
         merge_states(parts)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_parts(dtype):
+    """Half-precision outs come with float32 lse; the merge sums in float32 and rounds once, so the
+    merged result is within 2 units of the dtype's rounding of the whole (each part's out was
+    rounded once, the merge rounds once more)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    dtype = np.dtype(getattr(ml_dtypes, dtype) if dtype == "bfloat16" else dtype)
+    rng = np.random.default_rng(SEED)
+    q, k, v = (rng.standard_normal(shape).astype(dtype) for shape in ((2, 3, 20, 16), (2, 3, 90, 16), (2, 3, 90, 8)))
+    parts = [fastattn.attention(q, k[..., a:b, :], v[..., a:b, :], return_lse=True) for a, b in ((0, 40), (40, 90))]
+    out, lse = merge_states(parts)
+    assert out.dtype == dtype and lse.dtype == np.float32
+    whole, whole_lse = reference.attention(q, k, v, return_lse=True)
+    unit = float(ml_dtypes.finfo(dtype).eps) / 2 * np.abs(whole).max(axis=-1, keepdims=True)
+    assert np.all(np.abs(out.astype(np.float64) - whole) <= 2 * unit)
+    np.testing.assert_allclose(lse, whole_lse, rtol=1e-6)
+    with pytest.raises(TypeError, match="lse must be float32"):
+        merge_states([(parts[0][0], parts[0][1].astype(dtype))])
