@@ -12,7 +12,8 @@ fastattn is faster. The last lines judge the issue's performance targets from th
 inform and do not change the exit status.
 
 Peers: torch (SDPA with the kernel torch picks) and reference (fastattn.reference, float64
-NumPy, timed where its score matrix is affordable). --peers adds torch-math (SDPA pinned to
+NumPy, timed where its score matrix is affordable); with --dtype float16 or bfloat16 also
+fastattn-float32 (fastattn on the same values in float32: what half precision gains). --peers adds torch-math (SDPA pinned to
 its unfused math backend, SDPBackend.MATH) and numpy-naive (softmax(QK^T)V with NumPy matmuls
 in the input dtype).
 
@@ -100,7 +101,7 @@ def run_case(case, args):
     runners = harness.runners(case, q, k, v, extra_peers=args.peers)
     if not case.reference_affordable:
         del runners["reference"]
-    return check_and_time(case, runners, runners, q, k, v, harness.tolerance(args.dtype), args.repeats)
+    return check_and_time(case, runners, runners, q, k, v, harness.tolerance(q.dtype), args.repeats)
 
 
 def check_and_time(case, runners, checked, q, k, v, tolerance, repeats, **timing):
@@ -216,9 +217,9 @@ def parse_args():
                         "(default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="about a minute: 6 shapes instead of 15, 5 repeats instead of 15")
-    parser.add_argument("--dtype", choices=["float32", "float64", "float16"], default="float32",
-                        help="inputs for every implementation; float16 with --device cuda only, "
-                        "float64 with cpu only (default: %(default)s)")
+    parser.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default="float32",
+                        help="inputs for every implementation; float64 and bfloat16 with --device cpu "
+                        "only (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=fastattn.get_num_threads(),
                         help="threads for fastattn, torch, NumPy's BLAS and the streaming read "
                         "(default: %(default)s)")
@@ -237,10 +238,8 @@ def parse_args():
                         help="write the table and targets as Markdown to PATH, or with '-' to "
                         "stdout instead of the plain table (which then goes to stderr)")
     args = parser.parse_args()
-    if args.device == "cpu" and args.dtype == "float16":
-        parser.error("--dtype float16 needs --device cuda: the CPU kernel does not take float16 yet")
-    if args.device == "cuda" and args.dtype == "float64":
-        parser.error("--dtype float64 needs --device cpu: the GPU kernel takes float32 and float16")
+    if args.device == "cuda" and args.dtype in ("float64", "bfloat16"):
+        parser.error(f"--dtype {args.dtype} needs --device cpu: the GPU kernel takes float32 and float16")
     if args.device == "cuda" and args.markdown:
         parser.error("--markdown is for --device cpu only")
     if args.json is None:
@@ -254,7 +253,9 @@ def measure(cases, args):
     """The records of every case and the ceilings measured between them."""
     with ceilings.read_pool(args.threads) as pool:
         log("ceilings: warming up")
-        machine = ceilings.Ceilings(args.dtype, args.threads, pool)
+        # Half precision is computed in float32: sgemm is its ceiling too.
+        gemm_dtype = "float32" if args.dtype in harness.HALF_DTYPES else args.dtype
+        machine = ceilings.Ceilings(gemm_dtype, args.threads, pool)
         machine.sample()
         log(f"  {machine.latest()}")
         records = []

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import time
 
+import ml_dtypes
 import numpy as np
 
 import fastattn
@@ -22,7 +23,11 @@ except ImportError:
 # within 1.2e-6 of the reference on every shape used here, while one dropped key among 4096 or
 # a scale 1% off moves some output by more than 1e-3. In float64 every implementation stays
 # within about 1e-14, while a float32 step anywhere on the way costs about 1e-7.
-TOLERANCES = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+# Half precision: 4 units of the dtype's rounding (2^-11, 2^-8) at outputs of magnitude 2, the
+# accuracy fastattn's tests demand; torch stays within 1.5 units.
+TOLERANCES = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10,
+              np.dtype(np.float16): 4e-3, np.dtype(ml_dtypes.bfloat16): 3e-2}
+HALF_DTYPES = ("float16", "bfloat16")
 
 # The reference materialises float64 scores: beyond this many (B * Hq * L * S) it is not timed
 # and checks only an evenly spaced sample of query rows.
@@ -40,6 +45,7 @@ IDLE_SECONDS = 0.25
 MIN_SAMPLE_SECONDS = 0.1
 
 PEERS = ["torch", "reference"]
+HALF_PEERS = ["fastattn-float32"]  # fastattn on the same values in float32, for half-precision runs
 EXTRA_PEERS = ["torch-math", "numpy-naive"]  # compare.py --peers
 
 
@@ -104,12 +110,24 @@ class Case:
         return self.num_scores <= REFERENCE_MAX_SCORES
 
 
+def numpy_dtype(name):
+    """A dtype name of compare.py's --dtype as a NumPy dtype (bfloat16: ml_dtypes')."""
+    return np.dtype(ml_dtypes.bfloat16 if name == "bfloat16" else name)
+
+
+def is_half(dtype):
+    return np.dtype(dtype).itemsize == 2
+
+
 def make_inputs(case, dtype=np.float32, seed=0):
+    """N(0, 1) inputs; half precision is drawn in float32 and rounded (NumPy draws no halves)."""
+    dtype = numpy_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
     rng = np.random.default_rng(seed)
-    q = rng.standard_normal((case.batch, case.heads_q, case.seqlen_q, case.head_dim), dtype=dtype)
-    k = rng.standard_normal((case.batch, case.heads_kv, case.seqlen_k, case.head_dim), dtype=dtype)
-    v = rng.standard_normal((case.batch, case.heads_kv, case.seqlen_k, case.head_dim), dtype=dtype)
-    return q, k, v
+    drawn = np.float32 if is_half(dtype) else dtype
+    shapes = [(case.batch, case.heads_q, case.seqlen_q, case.head_dim),
+              (case.batch, case.heads_kv, case.seqlen_k, case.head_dim),
+              (case.batch, case.heads_kv, case.seqlen_k, case.head_dim)]
+    return tuple(rng.standard_normal(shape, dtype=drawn).astype(dtype, copy=False) for shape in shapes)
 
 
 def set_num_threads(count):
@@ -165,6 +183,9 @@ def runners(case, q, k, v, extra_peers=False):
         # answers in the input's dtype like the others; the cast is small next to the scores
         "reference": lambda: reference.attention(q, k, v, **case.attention_kwargs).astype(q.dtype),
     }
+    if is_half(q.dtype):
+        wide = [x.astype(np.float32) for x in (q, k, v)]
+        found["fastattn-float32"] = lambda: fastattn.attention(*wide, **case.attention_kwargs)
     if torch is not None:
         found["torch"] = torch_runner(case, q, k, v)
         if extra_peers:
@@ -176,7 +197,7 @@ def runners(case, q, k, v, extra_peers=False):
 
 def torch_runner(case, q, k, v, backend=None):
     """torch SDPA on the same memory; `backend` pins one of its kernels, else torch chooses."""
-    q_t, k_t, v_t = (torch.from_numpy(x) for x in (q, k, v))  # shares memory, no copy
+    q_t, k_t, v_t = (to_torch(x) for x in (q, k, v))  # shares memory, no copy
     # torch has no windows: what its users do is pass the band as a mask (and pay for all keys)
     band = torch.from_numpy(case.visible(np.arange(case.seqlen_q))) if case.window is not None else None
 
@@ -187,9 +208,22 @@ def torch_runner(case, q, k, v, backend=None):
                 q_t, k_t, v_t, attn_mask=band, is_causal=case.causal and band is None,
                 enable_gqa=case.heads_q != case.heads_kv
             )
-        return out.numpy()
+        return from_torch(out)
 
     return run
+
+
+def to_torch(array):
+    """A tensor sharing the array's memory (bfloat16 crosses as int16: NumPy has no bfloat16)."""
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def from_torch(tensor):
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
 
 
 def numpy_naive_runner(case, q, k, v):
@@ -227,11 +261,12 @@ def expected_rows(case, q, k, v):
 
 
 def max_error(output, q, rows, expected):
-    """Largest absolute difference from the reference on the checked rows (inf when the shape or
-    dtype differs from the query's)."""
-    if output.shape != q.shape or output.dtype != q.dtype:
+    """Largest absolute difference from the reference on the checked rows (inf when the shape
+    differs from the query's or the dtype is narrower: fastattn-float32 answers half-precision
+    inputs in float32)."""
+    if output.shape != q.shape or output.dtype.itemsize < q.dtype.itemsize:
         return np.inf
-    return float(np.abs(output[..., rows, :] - expected).max())
+    return float(np.abs(output[..., rows, :].astype(np.float64) - expected).max())
 
 
 def tolerance(dtype):

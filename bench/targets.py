@@ -12,6 +12,8 @@ PERCENT_OF_GEMM = 90  # non-causal L = S >= 512
 CAUSAL_512_SPEEDUP = 3.0  # torch computes the diagonal block at full width, so this is reachable
 MODEL_SPEEDUP = 1.3  # the BERT and ViT shapes
 PERCENT_OF_READ = 85  # decode
+HALF_SPEEDUP = 1.6  # bfloat16 over torch bfloat16, non-causal shapes
+HALF_OVER_FLOAT32 = 1.4  # bfloat16 over fastattn's own float32, non-causal shapes
 
 
 @dataclasses.dataclass
@@ -32,6 +34,8 @@ def judge(records, machine, dtype):
     if dtype == "float64":
         goal = "faster than torch float64 on every shape"
         return [lowest(goal, speedups, MIN_SPEEDUP, "{:.2f}x")] + window_verdicts
+    if dtype in ("bfloat16", "float16"):
+        return half_precision(records, speedups, dtype) + window_verdicts
 
     gemm = f"{machine['gemm']['name']} ({machine['gemm']['gflops']:.0f} GFLOP/s)"
     read = f"the streaming read ({machine['read']['gbps']:.1f} GB/s)"
@@ -49,6 +53,19 @@ def judge(records, machine, dtype):
                [(s, r) for s, r in speedups if is_bert_or_vit(r)], MODEL_SPEEDUP, "{:.2f}x"),
         lowest(f"decode >= {PERCENT_OF_READ}% of {read}", decode, PERCENT_OF_READ, "{:.0f}%"),
     ] + window_verdicts
+
+
+def half_precision(records, speedups, dtype):
+    """The issue's targets are bfloat16's (on the non-causal shapes); float16 is held to the same."""
+    non_causal = [r for r in records if not Case(**r["case"]).causal]
+    over_torch = [(s, r) for s, r in speedups if not Case(**r["case"]).causal]
+    over_float32 = [(r["speedup"]["fastattn-float32"], r) for r in non_causal if "fastattn-float32" in r["speedup"]]
+    return [
+        geometric_mean(speedups),
+        lowest(f"no shape below {MIN_SPEEDUP:.1f}x torch {dtype}", speedups, MIN_SPEEDUP, "{:.2f}x"),
+        lowest(f"non-causal >= {HALF_SPEEDUP}x torch {dtype}", over_torch, HALF_SPEEDUP, "{:.2f}x"),
+        lowest(f"non-causal >= {HALF_OVER_FLOAT32}x fastattn float32", over_float32, HALF_OVER_FLOAT32, "{:.2f}x"),
+    ]
 
 
 def window_cost(window, records):

@@ -52,7 +52,7 @@ def test_without_a_gpu_it_says_what_is_missing():
     assert run.stdout == ""
 
 
-def test_cpu_run_refuses_float16():
-    run = run_compare("--dtype", "float16", "--json", "")
+def test_gpu_run_refuses_bfloat16():
+    run = run_compare("--device", "cuda", "--dtype", "bfloat16", "--json", "")
     assert run.returncode == 2
-    assert "--dtype float16 needs --device cuda" in run.stderr
+    assert "--dtype bfloat16 needs --device cpu" in run.stderr
