@@ -152,3 +152,20 @@ def test_mixed_dtypes_refused(rng):
         fastattn.attention(q, k, k)
     with pytest.raises(TypeError, match="supports float32, float64, float16 and bfloat16"):
         fastattn.attention(*(np.ones((2, 8, 16), ml_dtypes.float8_e4m3fn) for _ in range(3)))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_kv_head_with_other_lengths(rng, threads, dtype):
+    """K and V broadcast over the batch (the same memory) with a different length per element: the
+    prefill kernel's converted copy of a head must not be reused for more keys than it holds."""
+    q = random_half(rng, (3, 2, 60, 32), dtype)
+    k, v = random_half(rng, (1, 2, 200, 32), dtype), random_half(rng, (1, 2, 200, 16), dtype)
+    lengths = np.array([137, 200, 60])
+    before = fastattn.get_num_threads()
+    fastattn.set_num_threads(threads)
+    try:
+        out = fastattn.attention(q, k, v, kv_lengths=lengths)
+    finally:
+        fastattn.set_num_threads(before)
+    check(out, q, k, v, kv_lengths=lengths)

@@ -83,7 +83,7 @@ void run_tiles(const AttentionParams& p) {
   std::atomic<bool> out_of_memory{false};
 #pragma omp parallel num_threads(p.num_threads)
   {
-    TileScratch<V> scratch(p.head_dim, p.head_dim_v, /*convert_kv=*/!std::is_same_v<S, T>);
+    TileScratch<V> scratch(p, /*convert_kv=*/!std::is_same_v<S, T>);
     if (!scratch.ok()) out_of_memory = true;
     for (int64_t item; scratch.ok() && runs.next(omp_get_thread_num(), item);) {
       const int64_t tile = tiles_per_head - 1 - item % tiles_per_head;

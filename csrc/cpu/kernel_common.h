@@ -171,14 +171,16 @@ template <class T>
 class AlignedBuffer {
  public:
   explicit AlignedBuffer(int64_t count)
-      : data_(static_cast<T*>(std::aligned_alloc(64, ((count * sizeof(T) + 63) / 64 + 1) * 64))) {}
+      : data_(static_cast<T*>(std::aligned_alloc(64, ((count * sizeof(T) + 63) / 64 + 1) * 64))), size_(count) {}
   ~AlignedBuffer() { std::free(data_); }
   AlignedBuffer(const AlignedBuffer&) = delete;
   AlignedBuffer& operator=(const AlignedBuffer&) = delete;
   T* data() const { return data_; }
+  int64_t size() const { return size_; }
 
  private:
   T* data_;
+  int64_t size_;
 };
 
 }  // namespace fastattn::FASTATTN_CPU_ISA
