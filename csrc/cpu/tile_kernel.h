@@ -91,8 +91,8 @@ struct TileScratch : TileLanes<V> {
   bool caches_heads() const { return head_memory.size() > 0 && head_memory.data() != nullptr; }
 
   // Consecutive tiles of a thread share their K and V head (run_tiles orders them so): converting
-  // it once instead of once per tile took the half-precision overhead from 5-13% to ... of the
-  // float32 time. 8 MB holds K and V of 8192 keys at head dims 128.
+  // it once instead of each block once per tile cut the time half precision takes over float32
+  // from 13% to 2% at 1,8,512,64 (one thread). 8 MB holds K and V of 8192 keys at head dims 128.
   static constexpr int64_t kHeadCacheBytes = int64_t{8} << 20;
 };
 
