@@ -35,6 +35,7 @@ CASES = [
     case("out_transposed_window", (2, 2, 9, 16), (2, 2, 30, 16), window=(3, 3), out="out_transposed"),
     case("float16_softcap_window_head_dim_80", (1, 1, 9, 80), (1, 1, 20, 80), dtype=np.float16, softcap=2.0,
          window=(4, 0)),
+    case("float16_causal_lse", (1, 2, 9, 16), (1, 2, 20, 16), dtype=np.float16, causal=True, return_lse=True),
     # the drop-in without enable_gqa: one query head broadcast over four key heads, as torch does
     case("sdpa_one_query_head_four_key_heads", (2, 1, 9, 16), (2, 4, 20, 16), sdpa=True),
 ]
@@ -111,7 +112,10 @@ def run_case(c, rng, cuda, fastattn):
     naive = reference.attention(q, k, v, mask, return_lse=True, dtype=np.float32, **ref_kwargs)
     problem = within_naive_error(out, exact[0], naive[0], q.dtype)
     if problem is None and lse_dev is not None:
-        problem = within_naive_error(lse_dev.copy_to_host(), exact[1], naive[1], q.dtype)
+        lse = lse_dev.copy_to_host()
+        if lse.dtype != np.float32:  # computed in float32 and kept so, whatever the inputs (as on the CPU)
+            return f"lse has dtype {lse.dtype}, not float32"
+        problem = within_naive_error(lse, exact[1], naive[1], np.float32)
         problem = problem and "lse: " + problem
     return problem
 

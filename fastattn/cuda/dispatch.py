@@ -99,7 +99,8 @@ def attention(q, k, v, mask, causal, scale, names, variants=api._Variants(), hea
     out_operand = _Operand(out, "out")
     lse = None
     if variants.return_lse:
-        lse = cuda.device_array(batch + (layout.heads_q, layout.seqlen_q), dtype=q.dtype)
+        # float32 for float16 inputs too, as on the CPU: the log-sum-exp is computed in float32
+        lse = cuda.device_array(batch + (layout.heads_q, layout.seqlen_q), dtype=np.float32)
         lse_operand = _Operand(lse, "lse", min_ndim=0)
         params.update(lse=lse_operand.array,
                       lse_strides=_tail_strides(lse_operand, batch, (layout.heads_q, layout.seqlen_q)))

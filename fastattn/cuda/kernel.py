@@ -83,7 +83,7 @@ def specialisations():
 
 def kernel_signature(dtype, mask_dtype):
     """The argument types the launcher passes: flat contiguous arrays (q, k, v, out, mask, kv_lengths,
-    ALiBi slopes, lse), the dims and layout tuples, scale, softcap and batch_begin. Without a mask, q
+    ALiBi slopes, lse: float32 whatever the inputs, as on the CPU), the dims and layout tuples, scale, softcap and batch_begin. Without a mask, q
     stands in for it; absent kv_lengths, slopes and lse are one-element placeholders."""
     from numba import types
     array = types.Array(getattr(types, dtype), 1, "C")
@@ -91,7 +91,7 @@ def kernel_signature(dtype, mask_dtype):
         types.boolean if mask_dtype == "bool" else getattr(types, mask_dtype), 1, "C")
     layout = types.UniTuple(types.int64, LAYOUT_LENGTH)
     return (array, array, array, array, mask, types.Array(types.int64, 1, "C"), types.Array(types.float64, 1, "C"),
-            array, types.UniTuple(types.int64, DIMS_LENGTH), layout, layout, layout, layout, layout, layout,
+            types.Array(types.float32, 1, "C"), types.UniTuple(types.int64, DIMS_LENGTH), layout, layout, layout, layout, layout, layout,
             layout, layout, types.float64, types.float64, types.int64)
 
 

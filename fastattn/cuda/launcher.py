@@ -81,7 +81,7 @@ class CudaAttentionParams:
     softcap: float = 0.0  # > 0: scores become softcap * tanh(scores / softcap)
     alibi_slopes: Optional[Any] = None  # float64 [batch..., Hq]: adds -slope * |d(i) - j|
     alibi_strides: Optional[Strides] = None  # batch and head strides; row and col 0
-    lse: Optional[Any] = None  # [batch..., Hq, L] of dtype, written: each row's log-sum-exp
+    lse: Optional[Any] = None  # float32 [batch..., Hq, L], written: each row's log-sum-exp
     lse_strides: Optional[Strides] = None  # batch, head and row strides; col 0
     # GPU only, not in params.h: the CUDA stream to launch on (a numba stream, e.g.
     # cuda.external_stream(torch.cuda.current_stream().cuda_stream)); 0 is the default stream.
@@ -151,7 +151,8 @@ def attention_forward(params):
                                                    "kv_lengths")
     alibi, alibi_layout = operand_or_placeholder(p.alibi_slopes, p.alibi_strides, p.num_heads_q, 1, 1,
                                                  np.dtype(np.float64), "alibi_slopes")
-    lse, lse_layout = operand_or_placeholder(p.lse, p.lse_strides, p.num_heads_q, p.seqlen_q, 1, dtype, "lse")
+    lse, lse_layout = operand_or_placeholder(p.lse, p.lse_strides, p.num_heads_q, p.seqlen_q, 1, np.dtype(np.float32),
+                                             "lse")
     windowed = window_left >= 0 or window_right >= 0
     kernel = compiled_kernel(bucket, p.mask_kind, mask_dtype, windowed)
     config = _kernel.TILE_CONFIGS[bucket]
