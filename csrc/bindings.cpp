@@ -21,6 +21,16 @@ namespace {
 
 [[noreturn]] void fail(const std::string& message) { throw py::value_error(message); }
 
+// AttentionParams::interrupted: runs the Python signal handlers (Ctrl-C's raises KeyboardInterrupt)
+// on the calling thread, which the kernel asks between work items; a raised exception stays set for
+// attention_forward_py to throw once the kernel has stopped.
+bool python_signal_raised(void* raised) {
+  py::gil_scoped_acquire gil;
+  if (PyErr_CheckSignals() == 0) return false;
+  *static_cast<bool*>(raised) = true;
+  return true;
+}
+
 Strides strides_of(const py::array& a, const char* name) {
   const auto ndim = a.ndim();
   const auto itemsize = a.itemsize();
@@ -183,9 +193,15 @@ void attention_forward_py(const py::array& q, const py::array& k, const py::arra
   }
   if (num_threads < 1) fail("num_threads must be at least 1");
   p.num_threads = num_threads;
+  bool signal_raised = false;
+  p.interrupted = python_signal_raised;
+  p.interrupted_context = &signal_raised;
 
-  py::gil_scoped_release release;
-  attention_forward(p);
+  {
+    py::gil_scoped_release release;
+    attention_forward(p);
+  }
+  if (signal_raised) throw py::error_already_set();
 }
 
 }  // namespace

@@ -63,6 +63,11 @@ struct AttentionParams {
   Strides lse_strides;  // batch, head, and row (in .row)
 
   int32_t num_threads;
+
+  // Asked by the calling thread between work items, at most every few tens of milliseconds, whether
+  // to stop early (the binding checks for Ctrl-C); the output is then incomplete. Null: never asked.
+  bool (*interrupted)(void* context);
+  void* interrupted_context;
 };
 
 }  // namespace fastattn

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <mutex>
 #include <new>
@@ -70,6 +71,31 @@ class WorkRuns {
   std::vector<Run> runs_;
 };
 
+// Whether to stop at the next work item: the calling thread (OpenMP's thread 0) asks
+// p.interrupted every kPollInterval, and its first "yes" stops every thread. Work items last
+// microseconds to milliseconds, so a call stops within a few milliseconds of the question.
+class Interruption {
+ public:
+  explicit Interruption(const AttentionParams& p) : p_(p) {}
+
+  bool stop(int thread) {
+    if (stopped_.load(std::memory_order_relaxed)) return true;
+    if (thread != 0 || p_.interrupted == nullptr) return false;
+    const auto now = std::chrono::steady_clock::now();
+    if (now < next_poll_) return false;
+    next_poll_ = now + kPollInterval;
+    if (!p_.interrupted(p_.interrupted_context)) return false;
+    stopped_.store(true, std::memory_order_relaxed);
+    return true;
+  }
+
+ private:
+  static constexpr std::chrono::milliseconds kPollInterval{20};
+  const AttentionParams& p_;
+  std::atomic<bool> stopped_{false};
+  std::chrono::steady_clock::time_point next_poll_ = std::chrono::steady_clock::now() + kPollInterval;
+};
+
 // Work items (batch element, query head, query tile) in WorkRuns. Consecutive items are tiles of one
 // head, so its K and V stay in L2 (heads in turn ran at 2/3 of the speed); within a head the last
 // tiles, the heaviest under causal, come first.
@@ -80,12 +106,14 @@ void run_tiles(const AttentionParams& p) {
   const int64_t tiles_per_head = (p.seqlen_q + M - 1) / M;
   const int64_t work_items = batch_count(p) * p.num_heads_q * tiles_per_head;
   WorkRuns runs(work_items, p.num_threads);
+  Interruption interruption(p);
   std::atomic<bool> out_of_memory{false};
 #pragma omp parallel num_threads(p.num_threads)
   {
     TileScratch<V> scratch(p, /*convert_kv=*/!std::is_same_v<S, T>);
     if (!scratch.ok()) out_of_memory = true;
-    for (int64_t item; scratch.ok() && runs.next(omp_get_thread_num(), item);) {
+    const int thread = omp_get_thread_num();
+    for (int64_t item; scratch.ok() && !interruption.stop(thread) && runs.next(thread, item);) {
       const int64_t tile = tiles_per_head - 1 - item % tiles_per_head;
       const int64_t head = item / tiles_per_head % p.num_heads_q;
       const BatchIndex batch(p, item / tiles_per_head / p.num_heads_q);
@@ -105,6 +133,7 @@ void run_decode(const AttentionParams& p) {
   const int64_t split_stride = shape.rows * (2 + p.head_dim_v);  // one RowState per row
   AlignedBuffer<T> states(work_items * split_stride);  // O(output x splits), never O(L x S)
   if (states.data() == nullptr) throw std::bad_alloc();
+  Interruption interruption(p);
   std::atomic<bool> out_of_memory{false};
 #pragma omp parallel num_threads(p.num_threads)
   {
@@ -112,7 +141,7 @@ void run_decode(const AttentionParams& p) {
     if (!scratch.ok()) out_of_memory = true;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < work_items; ++item) {
-      if (!scratch.ok()) continue;
+      if (!scratch.ok() || interruption.stop(omp_get_thread_num())) continue;
       const int64_t split = item % shape.splits;
       const int64_t group = item / shape.splits % groups;
       const BatchIndex batch(p, item / shape.splits / groups);
@@ -123,10 +152,10 @@ void run_decode(const AttentionParams& p) {
       const int64_t key_end = std::min(p.seqlen_k, key_begin + Decode::kSplitKeys);
       decode_split<V, MaskT>(p, heads, shape, key_begin, key_end, scratch, states.data() + item * split_stride);
     }
-    // After a failed allocation some splits were never computed: merge nothing, report below.
+    // After a failed allocation or an interruption some splits were never computed: merge nothing.
 #pragma omp for schedule(static)
     for (int64_t row_item = 0; row_item < batch_count(p) * groups * shape.rows; ++row_item) {
-      if (out_of_memory) continue;
+      if (out_of_memory || interruption.stop(-1)) continue;
       const int64_t row = row_item % shape.rows;
       const int64_t group = row_item / shape.rows % groups;
       const int64_t batch_flat = row_item / shape.rows / groups;
