@@ -358,7 +358,7 @@ def _attention(q, k, v, mask, causal, scale, names, variants=_Variants(), heads=
                      ((q, names.q), (k, names.k), (v, names.v), (mask, names.mask)))
     result = interop.empty(out_shape, q.dtype) if out is None else out if ndim_out > 2 else out[np.newaxis]
     lse_shape = batch + (layout.heads_q, layout.seqlen_q)
-    lse = interop.empty(lse_shape, _lse_dtype(q.dtype)) if variants.return_lse else None
+    lse = interop.empty(lse_shape, _lse_dtype(q.dtype), "the log-sum-exp") if variants.return_lse else None
     if math.prod(batch) * layout.heads_q * layout.seqlen_q > 0:
         _core.attention_forward(
             _broadcast(q, batch + q.shape[-3:]),

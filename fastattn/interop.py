@@ -15,6 +15,7 @@ already did, and arguments from different frameworks (NumPy included) raise Type
 converted implicitly.
 """
 
+import math
 import sys
 
 import numpy as np
@@ -80,11 +81,15 @@ def _jax_as_numpy(array, name):
     return np.asarray(array)  # a read-only view of the CPU buffer
 
 
-def empty(shape, dtype):
-    """An uninitialised C-contiguous array whose data starts on a 64-byte boundary."""
+def empty(shape, dtype, name="the result"):
+    """An uninitialised C-contiguous array whose data starts on a 64-byte boundary; MemoryError
+    naming `name` when it cannot be allocated."""
     dtype = np.dtype(dtype)
-    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    buffer = np.empty(size + _ALIGNMENT, np.uint8)
+    size = math.prod(shape) * dtype.itemsize
+    try:
+        buffer = np.empty(size + _ALIGNMENT, np.uint8)
+    except MemoryError:
+        raise MemoryError(f"cannot allocate {name}: shape {tuple(shape)} of {dtype} needs {size / 2**30:.1f} GiB") from None
     start = -buffer.ctypes.data % _ALIGNMENT
     return buffer[start:start + size].view(dtype).reshape(shape)
 

@@ -83,3 +83,13 @@ def test_views_are_read_in_place(rng, mask_kind):
         tracemalloc.stop()
     # Each input is 8 MiB (the broadcast mask 32 or 128 MiB) if copied; the output is 8 MiB.
     assert peak < out.nbytes + 1 * MIB
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_result_too_large_raises_memory_error(return_lse):
+    """A result that cannot be allocated (here 2 TiB, the queries a stride-0 view of one row) raises
+    MemoryError naming it, before any kernel work; element counts past 2^31 need no special case."""
+    q = np.broadcast_to(np.zeros((1, 1, 1, 64), np.float32), (1, 1, 2**33, 64))
+    k = np.zeros((1, 1, 4, 64), np.float32)
+    with pytest.raises(MemoryError, match=r"cannot allocate the result: shape \(1, 1, 8589934592, 64\) of float32"):
+        fastattn.attention(q, k, k, return_lse=return_lse)
