@@ -22,7 +22,6 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 import fastattn
-from fastattn import reference
 
 from conftest import SUPPORTED_ISAS, assert_accurate, assert_within_naive_error, attention_in
 from test_variants import assert_lse_accurate
@@ -106,11 +105,11 @@ def layouts(draw, ndim, allow_broadcast=True, keep=(), unit_columns=False):
 
 
 def operands(draw, rng, dtype, shapes, unit_columns=False):
-    """q, k, v of these shapes in drawn layouts (k and v with unit column strides if asked). Never stride 0 along v's keys: every value row the
-    same makes the exact answer that row, which numpy's pairwise sums reach exactly (naive error 0)
-    while the kernel's running sum of S copies rounds up to ~10 eps at S = 128, past the criterion's
-    floor of 8 eps (a correct result failed). Stride 0 in the other axes of v and all of q and k
-    stays."""
+    """q, k, v of these shapes in drawn layouts (k and v with unit column strides if asked).
+    Never stride 0 along v's keys: every value row the same makes the exact answer that row, which
+    numpy's pairwise sums reach exactly (naive error 0) while the kernel's running sum of S copies
+    rounds up to ~10 eps at S = 128, past the criterion's floor of 8 eps (a correct result failed).
+    Stride 0 in the other axes of v and all of q and k stays."""
     keep = [(), (), (len(shapes[2]) - 2,)]
     return tuple(arrange(randn(rng, dtype), shape, draw(layouts(len(shape), keep=axes, unit_columns=unit)))
                  for shape, axes, unit in zip(shapes, keep, (False, unit_columns, unit_columns)))
@@ -240,6 +239,7 @@ def attention_cases(draw, positional=True, mask_dtypes=(None, bool, np.float32, 
 def using_isa(name):
     chosen = fastattn.cpu_info()["isa"]
     fastattn.set_isa(name)
+    assert fastattn.cpu_info()["isa"] == name
     try:
         yield
     finally:
@@ -280,22 +280,21 @@ def attend(case, **kwargs):
 
 def for_reference(q, k, v, kwargs):
     """q, k, v and keywords with the same meaning, in the form fastattn.reference handles: q, k, v
-    viewed with the batch dims they share (it takes the scores' batch from q and k only, so batch
-    dims only v has were missing from its lse and broke its kv_lengths); kv_lengths as int64
-    (unsigned lengths wrapped around in its lengths - L under align="bottom_right"); and with
-    kv_lengths, 2-D inputs given their one head (2-D scores broke it). Results of such 2-D inputs
-    then need the head dim too: as_compared."""
+    viewed with a head dim and the batch dims they share, and kv_lengths as int64. The reference
+    takes the scores' batch and head dims from q and k only: dims only v has were missing from its
+    lse and broke its kv_lengths, and 2-D q and k broke its kv_lengths and gave a 3-D output with
+    alibi_slopes. Unsigned kv_lengths wrapped around in its lengths - L (align="bottom_right").
+    A result of 2-D inputs then needs the head dim too: as_compared."""
     batch = np.broadcast_shapes(*(x.shape[:-3] for x in (q, k, v)))
-    if batch or (kwargs.get("kv_lengths") is not None and max(q.ndim, k.ndim) == 2):
-        q, k, v = (np.broadcast_to(x, batch + (x.shape[-3:] if x.ndim > 2 else (1,) + x.shape)) for x in (q, k, v))
+    q, k, v = (np.broadcast_to(x, batch + (x.shape[-3:] if x.ndim > 2 else (1,) + x.shape)) for x in (q, k, v))
     if kwargs.get("kv_lengths") is not None:
         kwargs = dict(kwargs, kv_lengths=kwargs["kv_lengths"].astype(np.int64))
     return q, k, v, kwargs
 
 
-def as_compared(out, lse, q):
-    """out and lse (or None) of 2-D inputs with the head dim for_reference gave them (q its result)."""
-    if q.ndim > 2 and out.ndim == 2:
+def as_compared(out, lse):
+    """out and lse (or None) of 2-D inputs with the head dim for_reference gave them."""
+    if out.ndim == 2:
         return out[np.newaxis], None if lse is None else lse[np.newaxis]
     return out, lse
 
@@ -332,8 +331,10 @@ def test_attention_matches_reference(case, return_lse, give_out, data):
     else:
         assert result.flags.c_contiguous
     assert result.dtype == case.q.dtype
+    assert result.shape == result_shape(case.q, case.k, case.v)
+    assert lse is None or (lse.dtype == result.dtype and lse.shape == result.shape[:-1])
     q, k, v, kwargs = for_reference(case.q, case.k, case.v, case.kwargs)
-    result, lse = as_compared(result, lse, q)
+    result, lse = as_compared(result, lse)
     assert_accurate(result, q, k, v, case.mask, **kwargs)
     if return_lse:
         assert_lse_accurate(lse, q, k, v, dict(kwargs, mask=case.mask))
@@ -385,18 +386,51 @@ def test_sdpa_matches_reference(case):
 
 
 # --- identities -----------------------------------------------------------------------------------
-# Each transforms the inputs in a way that leaves the exact answer unchanged, and holds the kernel's
-# result on the transformed inputs to the naive error bound around the exact answer for the original
-# ones (the naive implementation also given the transformed inputs).
+# Each transforms the inputs in a way that leaves the exact answer unchanged. The kernel's result on
+# the transformed inputs is held to the exact answer for the original inputs, within twice the
+# rounding error of the naive implementation on the transformed inputs (against their own exact
+# answer) plus the floor: a transformation that changed the answer leaves that rounding error small
+# and fails.
+
+
+def assert_identity(out, exact, naive_transformed, exact_transformed):
+    """assert_within_naive_error(out, exact, naive) with naive - exact = naive_transformed -
+    exact_transformed, the rounding error of the naive implementation on the transformed inputs."""
+    naive = np.asarray(naive_transformed, np.longdouble) - exact_transformed + np.asarray(exact, np.longdouble)
+    assert_within_naive_error(out, exact, naive)
+
+
+def assert_identity_lse(lse, exact, naive_transformed, exact_transformed):
+    """The same for the log-sum-exp, whose -inf (rows that see no key) must match exactly."""
+    unseen = np.isneginf(exact)
+    np.testing.assert_array_equal(np.isneginf(lse), unseen, err_msg="-inf positions of the lse differ")
+    np.testing.assert_array_equal(np.isneginf(exact_transformed), unseen)
+    assert_identity(lse[~unseen], exact[~unseen], naive_transformed[~unseen], exact_transformed[~unseen])
 
 
 def key_slice(x, start, stop, axis):
-    """x's keys [start, stop) on `axis` (counted from the end); a mask with one key column broadcasts."""
-    if x is None or x.ndim < -axis or x.shape[axis] == 1:
+    """x's keys [start, stop) on `axis` (counted from the end); a mask without a key axis, or with
+    one key column (broadcast), serves every slice as it is."""
+    if x is None or x.ndim < -axis or (axis == -1 and x.shape[axis] == 1):
         return x
     index = [slice(None)] * x.ndim
     index[axis] = slice(start, stop)
     return x[tuple(index)]
+
+
+def merge_in(dtype, parts):
+    """merge_states' formula evaluated in `dtype`: the test's own, so that a fault in merge_states
+    cannot hide in the naive error it is compared with."""
+    outs = np.stack([np.asarray(out, dtype) for out, _ in parts])
+    lses = np.stack([np.asarray(lse, dtype) for _, lse in parts])
+    top = lses.max(axis=0)
+    top = np.where(np.isneginf(top), 0, top)
+    weights = np.exp(lses - top)
+    total = weights.sum(axis=0)
+    seen = total > 0
+    out = np.where(seen[..., None], (weights[..., None] * outs).sum(axis=0) / np.where(seen, total, 1)[..., None], 0)
+    lse = np.where(seen, top + np.log(np.where(seen, total, 1)), -np.inf)
+    return out.astype(dtype), lse.astype(dtype)
 
 
 @examples(0.5)
@@ -405,33 +439,34 @@ def test_merged_key_splits_equal_the_whole(case, data):
     """merge_states of the results over keys [0, c) and [c, S) is attention over all keys."""
     seqlen_k = case.k.shape[-2]
     cut = data.draw(st.integers(0, seqlen_k), label="cut")
+    ranges = ((0, cut), (cut, seqlen_k))
+
+    def split(q, k, v, mask):
+        return [(q, key_slice(k, a, b, -2), key_slice(v, a, b, -2), key_slice(mask, a, b, -1))
+                for a, b in ranges]
+
+    out, lse = fastattn.merge_states([
+        attend(case._replace(k=k, v=v, mask=mask), return_lse=True) for _, k, v, mask in split(*case[1:5])])
     q, k, v, kwargs = for_reference(case.q, case.k, case.v, case.kwargs)
-    mask = case.mask
+    out, lse = as_compared(out, lse)
+    dtype = q.dtype.type
 
-    def merged(attention):
-        return fastattn.merge_states([
-            attention(q, key_slice(k, a, b, -2), key_slice(v, a, b, -2), key_slice(mask, a, b, -1))
-            for a, b in ((0, cut), (cut, seqlen_k))])
+    def merged_in(dtype):  # the split and merge evaluated in `dtype`
+        parts = split(q, k, v, case.mask)
+        return merge_in(dtype, [attention_in(dtype, *part, return_lse=True, **kwargs) for part in parts])
 
-    def kernel(q, k, v, mask):
-        return attend(case._replace(k=k, v=v, mask=mask), return_lse=True)
-
-    out, lse = merged(kernel)
-    naive_out, naive_lse = merged(lambda q, k, v, mask: attention_in(q.dtype.type, q, k, v, mask, return_lse=True,
-                                                                    **kwargs))
-    exact_out, exact_lse = attention_in(exact_dtype(q.dtype), q, k, v, mask, return_lse=True, **kwargs)
-    unseen = np.isneginf(exact_lse)
-    np.testing.assert_array_equal(np.isneginf(lse), unseen, err_msg="-inf positions of the lse differ")
-    assert_within_naive_error(out, exact_out, naive_out)
-    assert_within_naive_error(lse[~unseen], exact_lse[~unseen], naive_lse[~unseen])
+    exact_out, exact_lse = attention_in(exact_dtype(dtype), q, k, v, case.mask, return_lse=True, **kwargs)
+    (naive_out, naive_lse), (split_out, split_lse) = merged_in(dtype), merged_in(exact_dtype(dtype))
+    assert out.dtype == lse.dtype == dtype
+    assert_identity(out, exact_out, naive_out, split_out)
+    assert_identity_lse(lse, exact_lse, naive_lse, split_lse)
 
 
 @examples(0.5)
 @given(attention_cases(positional=False), st.randoms(use_true_random=False))
 def test_permuting_keys_with_values_changes_nothing(case, random):
     """The keys (with their value rows and mask columns) in any order give the same result."""
-    seqlen_k = case.k.shape[-2]
-    order = list(range(seqlen_k))
+    order = list(range(case.k.shape[-2]))
     random.shuffle(order)
 
     def permuted(x, axis):
@@ -440,15 +475,13 @@ def test_permuting_keys_with_values_changes_nothing(case, random):
     shuffled = case._replace(k=permuted(case.k, -2), v=permuted(case.v, -2), mask=permuted(case.mask, -1))
     out, lse = attend(shuffled, return_lse=True)
     q, k, v, kwargs = for_reference(case.q, case.k, case.v, case.kwargs)
-    out, lse = as_compared(out, lse, q)
+    out, lse = as_compared(out, lse)
     exact_out, exact_lse = attention_in(exact_dtype(q.dtype), q, k, v, case.mask, return_lse=True, **kwargs)
-    naive_q, naive_k, naive_v, _ = for_reference(shuffled.q, shuffled.k, shuffled.v, {})
-    naive_out, naive_lse = attention_in(q.dtype.type, naive_q, naive_k, naive_v, shuffled.mask, return_lse=True,
-                                        **kwargs)
-    unseen = np.isneginf(exact_lse)
-    np.testing.assert_array_equal(np.isneginf(lse), unseen, err_msg="-inf positions of the lse differ")
-    assert_within_naive_error(out, exact_out, naive_out)
-    assert_within_naive_error(lse[~unseen], exact_lse[~unseen], naive_lse[~unseen])
+    shuffled_inputs = (*for_reference(shuffled.q, shuffled.k, shuffled.v, {})[:3], shuffled.mask)
+    naive_out, naive_lse = attention_in(q.dtype.type, *shuffled_inputs, return_lse=True, **kwargs)
+    shuffled_out, shuffled_lse = attention_in(exact_dtype(q.dtype), *shuffled_inputs, return_lse=True, **kwargs)
+    assert_identity(out, exact_out, naive_out, shuffled_out)
+    assert_identity_lse(lse, exact_lse, naive_lse, shuffled_lse)
 
 
 @examples(0.5)
@@ -466,12 +499,10 @@ def test_constant_added_to_float_mask_row_changes_nothing(case, data):
     out, lse = attend(shifted, return_lse=True)
 
     q, k, v, kwargs = for_reference(case.q, case.k, case.v, case.kwargs)
-    out, lse = as_compared(out, lse, q)
+    out, lse = as_compared(out, lse)
     exact_out, exact_lse = attention_in(exact_dtype(q.dtype), q, k, v, mask, return_lse=True, **kwargs)
     naive_out, naive_lse = attention_in(q.dtype.type, q, k, v, shifted.mask, return_lse=True, **kwargs)
-    assert_within_naive_error(out, exact_out, naive_out)
-    # The log-sum-exp moves by c: compare where it is finite, c added in the exact precision.
-    lse_shift = shift[..., 0].astype(exact_lse.dtype)
-    unseen = np.isneginf(exact_lse)
-    np.testing.assert_array_equal(np.isneginf(lse), unseen, err_msg="-inf positions of the lse differ")
-    assert_within_naive_error(lse[~unseen], (exact_lse + lse_shift)[~unseen], naive_lse[~unseen])
+    shifted_out, shifted_lse = attention_in(exact_dtype(q.dtype), q, k, v, shifted.mask, return_lse=True, **kwargs)
+    assert_identity(out, exact_out, naive_out, shifted_out)
+    # The log-sum-exp moves by c, added in the exact precision.
+    assert_identity_lse(lse, exact_lse + shift[..., 0].astype(exact_lse.dtype), naive_lse, shifted_lse)
