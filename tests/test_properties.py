@@ -65,12 +65,19 @@ GROUPS = [5, 7, 8, 9, 15, 16, 17]  # query heads per key/value head around the d
 WORK_BUDGET = 2_000_000
 
 
+def rarely_zero(sizes):
+    """sizes, or 0 (an empty dim: valid, but then the kernels do little) one time in 16. Zero is
+    tied to a middle choice: hypothesis favours the first (its simplest), and with zero there it
+    drew 0 for a third of the examples."""
+    return st.sampled_from(range(16)).flatmap(lambda pick: st.just(0) if pick == 7 else sizes)
+
+
 def seqlens(sizes):
-    return st.one_of(st.integers(0, 5), st.sampled_from(sizes), st.integers(0, 2 * max(sizes)))
+    return rarely_zero(st.one_of(st.sampled_from(sizes), st.integers(1, 5), st.integers(1, 2 * max(sizes))))
 
 
 def head_dims():
-    return st.one_of(st.integers(1, 5), st.sampled_from(HEAD_DIMS), st.integers(0, 40))
+    return rarely_zero(st.one_of(st.sampled_from(HEAD_DIMS), st.integers(1, 40)))
 
 
 def scales(head_dim):
@@ -205,7 +212,7 @@ def attention_cases(draw, positional=True, mask_dtypes=(None, bool, np.float32, 
     # Half the cases aim at the decode kernel: query rows per key/value head up to a little past 16
     # (a group of g query heads per key head has g * L rows), k and v with unit column strides.
     decode = draw(st.booleans())
-    seqlen_q = draw(st.integers(0, 17 // group + 1) if decode else seqlens(ROW_COUNTS))
+    seqlen_q = draw(rarely_zero(st.integers(1, 17 // group + 1)) if decode else seqlens(ROW_COUNTS))
     seqlen_k = draw(seqlens(KEY_COUNTS))
     head_dim, head_dim_v = draw(head_dims()), draw(head_dims())
     assume(math.prod(batch) * heads_q * seqlen_q * seqlen_k * (head_dim + head_dim_v) <= WORK_BUDGET)
