@@ -81,12 +81,13 @@ Strides tail_strides(const py::array& a, const char* name, const py::array& q, s
   return s;
 }
 
-// bfloat16 is ml_dtypes' NumPy type, known by its name (this module does not depend on ml_dtypes).
+// Dtypes compare by value (a dtype that went through pickle is another object); bfloat16 is
+// ml_dtypes' NumPy type, known by its name (this module does not depend on ml_dtypes).
 DType dtype_of(const py::array& a, const char* name) {
   const py::dtype dtype = a.dtype();
-  if (dtype.is(py::dtype::of<float>())) return DType::float32;
-  if (dtype.is(py::dtype::of<double>())) return DType::float64;
-  if (dtype.is(py::dtype("float16"))) return DType::float16;
+  if (dtype.equal(py::dtype::of<float>())) return DType::float32;
+  if (dtype.equal(py::dtype::of<double>())) return DType::float64;
+  if (dtype.equal(py::dtype("float16"))) return DType::float16;
   if (dtype.itemsize() == 2 && py::str(dtype.attr("name")).cast<std::string>() == "bfloat16") return DType::bfloat16;
   throw py::type_error(std::string(name) + " must be float32, float64, float16 or bfloat16");
 }
@@ -139,7 +140,7 @@ void attention_forward_py(const py::array& q, const py::array& k, const py::arra
     if (!py::isinstance<py::array>(mask)) throw py::type_error("mask must be a NumPy array");
     auto m = py::reinterpret_borrow<py::array>(mask);
     check_shape(m, "mask", q, p.num_heads_q, p.seqlen_q, p.seqlen_k);
-    if (m.dtype().is(py::dtype::of<bool>())) {
+    if (m.dtype().equal(py::dtype::of<bool>())) {
       p.mask_kind = MaskKind::boolean;
     } else {
       p.mask_kind = MaskKind::additive;
@@ -158,13 +159,13 @@ void attention_forward_py(const py::array& q, const py::array& k, const py::arra
   p.softcap = softcap;
   if (!alibi_slopes.is_none()) {
     auto a = py::reinterpret_borrow<py::array>(alibi_slopes);
-    if (!a.dtype().is(py::dtype::of<double>())) throw py::type_error("alibi_slopes must be float64");
+    if (!a.dtype().equal(py::dtype::of<double>())) throw py::type_error("alibi_slopes must be float64");
     p.alibi_strides = tail_strides(a, "alibi_slopes", q, {p.num_heads_q});
     p.alibi_slopes = static_cast<const double*>(a.data());
   }
   if (!kv_lengths.is_none()) {
     auto a = py::reinterpret_borrow<py::array>(kv_lengths);
-    if (!a.dtype().is(py::dtype::of<int64_t>())) throw py::type_error("kv_lengths must be int64");
+    if (!a.dtype().equal(py::dtype::of<int64_t>())) throw py::type_error("kv_lengths must be int64");
     p.kv_lengths_strides = tail_strides(a, "kv_lengths", q, {});
     p.kv_lengths = static_cast<const int64_t*>(a.data());
     // Every length must lie in [0, S]: the kernels read keys below it.

@@ -61,11 +61,15 @@ def attention(q, k, v, mask=None, *, causal=False, scale=None, align="top_left",
     alibi_slopes: (Hq,) or batch + (Hq,); kv_lengths: the batch shape (B,) for 4-D inputs.
     """
     q, k, v = (np.asarray(x, dtype=dtype) for x in (q, k, v))
-    num_heads_q, seqlen_q, head_dim = q.shape[-3:] if q.ndim > 2 else (1, *q.shape)
+    ndim = max(q.ndim, k.ndim, v.ndim)
+    q, k, v = (x if x.ndim > 2 else x[np.newaxis] for x in (q, k, v))  # a 2-D input is one head
+    batch = np.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    q, k, v = (np.broadcast_to(x, batch + x.shape[-3:]) for x in (q, k, v))
+    num_heads_q, seqlen_q, head_dim = q.shape[-3:]
     seqlen_k = k.shape[-2]
-    if k.ndim > 2 and k.shape[-3] != num_heads_q:  # grouped-query attention: repeat kv heads
+    if k.shape[-3] != num_heads_q:  # grouped-query attention: repeat kv heads
         k = np.repeat(k, num_heads_q // k.shape[-3], axis=-3)
-    if v.ndim > 2 and v.shape[-3] != num_heads_q:
+    if v.shape[-3] != num_heads_q:
         v = np.repeat(v, num_heads_q // v.shape[-3], axis=-3)
     if scale is None:
         scale = 1 / np.sqrt(dtype(head_dim)) if head_dim > 0 else 1
@@ -75,7 +79,7 @@ def attention(q, k, v, mask=None, *, causal=False, scale=None, align="top_left",
     # Positions broadcast as batch + (head, L, S); lengths and slopes carry the batch dims.
     lengths = seqlen_k
     if kv_lengths is not None:
-        lengths = np.asarray(kv_lengths).reshape(scores.shape[:-3])[..., None, None, None]
+        lengths = np.asarray(kv_lengths).astype(np.int64).reshape(batch)[..., None, None, None]
     rows = np.arange(seqlen_q)[:, None]
     keys = np.arange(seqlen_k)[None, :]
     diagonal = rows + (lengths - seqlen_q if align == "bottom_right" else 0)
@@ -112,4 +116,6 @@ def attention(q, k, v, mask=None, *, causal=False, scale=None, align="top_left",
     if kv_lengths is not None:  # keys past a length do not exist: whatever v holds there is never read
         v = np.where((keys < lengths)[..., 0, :, None], v, 0)
     out = weights @ v
+    if ndim == 2:
+        out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out

@@ -161,3 +161,11 @@ def test_sdpa_float64_mask_with_float32_query():
     # torch accepts a float mask only in float32 or the query's dtype.
     with pytest.raises((TypeError, ValueError), match=r"\battn_mask\b"):
         fastattn.scaled_dot_product_attention(Q, K, V, np.zeros((9, 20), np.float64))
+
+
+def test_dtypes_compare_by_value():
+    """An array that went through pickle carries another (equal) dtype object: it is accepted."""
+    import pickle
+
+    q, k, v, mask = (pickle.loads(pickle.dumps(x)) for x in (Q, K, V, np.ones((9, 20), bool)))
+    np.testing.assert_array_equal(fastattn.attention(q, k, v, mask), fastattn.attention(Q, K, V))

@@ -127,3 +127,33 @@ def test_float_mask_is_added_to_scaled_scores():
     expected = np.divide(weights, counts, out=np.zeros(weights.shape), where=counts > 0)
     np.testing.assert_allclose(reference.attention(q, k, v, mask), expected, rtol=FLOAT64_AGREEMENT, atol=0)
     check_against_reference(fastattn.attention(q, k, v, mask), q, k, v, mask)
+
+
+def test_batch_dims_only_v_has():
+    """Batch dims of v alone still batch the log-sum-exp and kv_lengths (found by the property tests)."""
+    rng = np.random.default_rng(3)
+    q, k, v = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 4)), rng.standard_normal((7, 2, 5, 3))
+    lengths = np.arange(7) % 5 + 1
+    out, lse = reference.attention(q, k, v, kv_lengths=lengths, return_lse=True)
+    assert out.shape == (7, 2, 3, 3) and lse.shape == (7, 2, 3)
+    for b in range(7):
+        one, one_lse = reference.attention(q, k[:, :lengths[b]], v[b, :, :lengths[b]], return_lse=True)
+        np.testing.assert_allclose(out[b], one, rtol=0, atol=FLOAT64_AGREEMENT)
+        np.testing.assert_allclose(lse[b], one_lse, rtol=0, atol=FLOAT64_AGREEMENT)
+
+
+def test_two_dim_inputs_with_variants():
+    """2-D q, k, v are one head: kv_lengths is then a scalar and alibi_slopes has one slope; the result
+    stays 2-D."""
+    rng = np.random.default_rng(4)
+    q, k, v = rng.standard_normal((6, 4)), rng.standard_normal((9, 4)), rng.standard_normal((9, 3))
+    out = reference.attention(q, k, v, kv_lengths=np.array(5))
+    np.testing.assert_allclose(out, reference.attention(q, k[:5], v[:5]), rtol=0, atol=FLOAT64_AGREEMENT)
+    assert reference.attention(q, k, v, alibi_slopes=np.ones(1)).shape == (6, 3)
+
+
+def test_unsigned_kv_lengths():
+    """bottom_right with unsigned lengths: d(i) = i + length - L must not wrap around below zero."""
+    q, kv = np.ones((1, 2, 1)), np.ones((1, 1, 1))
+    out = reference.attention(q, kv, kv, causal=True, align="bottom_right", kv_lengths=np.array(1, np.uint16))
+    np.testing.assert_array_equal(out[0, :, 0], [0.0, 1.0])  # row 0 sees no key: d(0) = -1
