@@ -16,7 +16,7 @@ import time
 import pytest
 
 CHILD = r"""
-import json, sys, time
+import json, signal, sys, time
 import numpy as np
 import fastattn
 
@@ -25,6 +25,9 @@ fastattn.set_num_threads(threads)
 rng = np.random.default_rng(0)
 q = rng.standard_normal((batch, 16, L, 64), dtype=np.float32).astype(dtype)
 k = v = rng.standard_normal((1, 16, 16384, 64), dtype=np.float32).astype(dtype)
+# A shell without job control starts background jobs (a CI script's, say) with SIGINT ignored, and
+# Python then installs no handler; a user at a terminal has Python's KeyboardInterrupt handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 print("started", flush=True)
 start = time.monotonic()
 try:
