@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu/dispatch.h"
@@ -81,6 +82,11 @@ Strides tail_strides(const py::array& a, const char* name, const py::array& q, s
   return s;
 }
 
+py::array as_array(const py::object& x, const char* name) {
+  if (!py::isinstance<py::array>(x)) throw py::type_error(std::string(name) + " must be a NumPy array or None");
+  return py::reinterpret_borrow<py::array>(x);
+}
+
 // Dtypes compare by value (a dtype that went through pickle is another object); bfloat16 is
 // ml_dtypes' NumPy type, known by its name (this module does not depend on ml_dtypes).
 DType dtype_of(const py::array& a, const char* name) {
@@ -109,6 +115,8 @@ void attention_forward_py(const py::array& q, const py::array& k, const py::arra
   for (const auto* a : {&k, &v, static_cast<const py::array*>(&out)})
     if (dtype_of(*a, "k, v and out") != p.dtype) throw py::type_error("q, k, v and out must share a dtype");
   if (!out.writeable()) fail("out must be writeable");
+  for (const auto& [a, name] : {std::pair{&k, "k"}, {&v, "v"}, {static_cast<const py::array*>(&out), "out"}})
+    if (a->ndim() != ndim) fail(std::string(name) + " must have as many dims as q");
 
   p.batch_ndim = static_cast<int32_t>(ndim - 3);
   for (int d = 0; d < p.batch_ndim; ++d) p.batch_shape[d] = q.shape(d);
@@ -137,8 +145,7 @@ void attention_forward_py(const py::array& q, const py::array& k, const py::arra
 
   p.mask_kind = MaskKind::none;
   if (!mask.is_none()) {
-    if (!py::isinstance<py::array>(mask)) throw py::type_error("mask must be a NumPy array");
-    auto m = py::reinterpret_borrow<py::array>(mask);
+    const auto m = as_array(mask, "mask");
     check_shape(m, "mask", q, p.num_heads_q, p.seqlen_q, p.seqlen_k);
     if (m.dtype().equal(py::dtype::of<bool>())) {
       p.mask_kind = MaskKind::boolean;
@@ -158,13 +165,13 @@ void attention_forward_py(const py::array& q, const py::array& k, const py::arra
   if (!(softcap >= 0)) fail("softcap must be positive (0 for none)");
   p.softcap = softcap;
   if (!alibi_slopes.is_none()) {
-    auto a = py::reinterpret_borrow<py::array>(alibi_slopes);
+    const auto a = as_array(alibi_slopes, "alibi_slopes");
     if (!a.dtype().equal(py::dtype::of<double>())) throw py::type_error("alibi_slopes must be float64");
     p.alibi_strides = tail_strides(a, "alibi_slopes", q, {p.num_heads_q});
     p.alibi_slopes = static_cast<const double*>(a.data());
   }
   if (!kv_lengths.is_none()) {
-    auto a = py::reinterpret_borrow<py::array>(kv_lengths);
+    const auto a = as_array(kv_lengths, "kv_lengths");
     if (!a.dtype().equal(py::dtype::of<int64_t>())) throw py::type_error("kv_lengths must be int64");
     p.kv_lengths_strides = tail_strides(a, "kv_lengths", q, {});
     p.kv_lengths = static_cast<const int64_t*>(a.data());
@@ -185,7 +192,7 @@ void attention_forward_py(const py::array& q, const py::array& k, const py::arra
     }
   }
   if (!lse.is_none()) {
-    auto a = py::reinterpret_borrow<py::array>(lse);
+    auto a = as_array(lse, "lse");
     const DType compute = p.dtype == DType::float64 ? DType::float64 : DType::float32;
     if (dtype_of(a, "lse") != compute) throw py::type_error("lse must be float64 for float64 inputs, else float32");
     if (!a.writeable()) fail("lse must be writeable");
