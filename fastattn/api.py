@@ -28,6 +28,7 @@ def _is_supported(dtype):
 def _lse_dtype(dtype):
     """Half-precision inputs are computed in float32, and their log-sum-exp is kept at that precision."""
     return np.dtype(np.float32) if _is_half(dtype) else dtype
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _MAX_NDIM = 9  # batch dims, head, row, column: the kernel takes up to six batch dims
 
 
@@ -124,8 +125,9 @@ def _check_scale(scale, head_dim):
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
     if isinstance(scale, bool) or not isinstance(scale, Real):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    if not abs(scale) <= _FLOAT32_MAX:  # as softcap: float32 kernels apply it in float32
+        raise ValueError(f"scale must be finite and at most {_FLOAT32_MAX:.4g} in magnitude (the largest float32), "
+                         f"got {scale}")
     return float(scale)
 
 
@@ -215,8 +217,11 @@ def _check_softcap(softcap):
         return 0.0
     if isinstance(softcap, bool) or not isinstance(softcap, Real):
         raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
-    if not (math.isfinite(softcap) and softcap > 0):
-        raise ValueError(f"softcap must be positive and finite, got {softcap}")
+    # Every dtype gets the float32 bound: float32 and half-precision kernels apply the cap in float32,
+    # where a larger one becomes inf (and inf * tanh(s / inf) NaN).
+    if not (0 < softcap <= _FLOAT32_MAX):
+        raise ValueError(f"softcap must be positive and at most {_FLOAT32_MAX:.4g} (the largest float32), "
+                         f"got {softcap}")
     return float(softcap)
 
 
@@ -252,13 +257,15 @@ def _check_alibi_slopes(slopes, layout):
         return None
     if not isinstance(slopes, np.ndarray):
         raise TypeError(f"alibi_slopes must be a NumPy array, got {type(slopes).__name__}")
-    if slopes.dtype.kind != "f":
+    if slopes.dtype.kind != "f" and not _is_half(slopes.dtype):
         raise TypeError(f"alibi_slopes must have a float dtype, got {slopes.dtype}")
     _check_alibi_shape(slopes.shape, layout)
     target = layout.batch + (layout.heads_q,)
-    if not np.isfinite(slopes).all():
-        raise ValueError("alibi_slopes must be finite")
-    return np.broadcast_to(slopes.astype(np.float64), target)
+    slopes = slopes.astype(np.float64)
+    if not (np.abs(slopes) <= _FLOAT32_MAX).all():  # as scale: float32 kernels apply them in float32
+        raise ValueError(f"alibi_slopes must be finite and at most {_FLOAT32_MAX:.4g} in magnitude (the largest "
+                         f"float32)")
+    return np.broadcast_to(slopes, target)
 
 
 def _check_kv_lengths(kv_lengths, layout):
@@ -380,17 +387,21 @@ def attention(q, k, v, mask=None, *, causal=False, scale=None, align="top_left",
 
     q (..., Hq, L, E), k (..., Hk, S, E), v (..., Hk, S, Ev); one dtype, float32, float64, float16
     or bfloat16 (ml_dtypes.bfloat16), any strides. Half precision is computed in float32 (scores,
-    softmax, accumulation) and the result rounded to the input dtype. Batch dims broadcast. Query head h uses key/value head h // (Hq // Hk) (grouped-query attention).
+    softmax, accumulation) and the result rounded to the input dtype. Batch dims broadcast. Query
+    head h uses key/value head h // (Hq // Hk) (grouped-query attention).
     mask: bool (True = may attend) or any float dtype (added to the scaled scores), broadcastable to
-    (..., Hq, L, S). scale defaults to 1 / sqrt(E). A row with no visible key gives zeros.
+    (..., Hq, L, S). scale defaults to 1 / sqrt(E); a given one is finite in float32 (|scale| <=
+    3.4e38). A row with no visible key gives zeros.
     fastattn.reference draws every rule below.
 
     align: "top_left" (PyTorch) puts row i's diagonal at key d(i) = i, "bottom_right"
     (FlashAttention, KV caches) at i + S - L. causal: key j visible iff j <= d(i).
     window=(left, right): key j visible iff d(i) - left <= j <= d(i) + right; None or a negative
     side is unbounded; causal caps right at 0. Keys outside every row's window cost nothing.
-    softcap=c: scores become c * tanh(scores / c) after scaling, before ALiBi and the mask.
-    alibi_slopes (Hq,) or (..., Hq), float: adds -slope * |d(i) - j| (read as float64).
+    softcap=c (0 < c <= 3.4e38): scores become c * tanh(scores / c) after scaling, before ALiBi and
+    the mask.
+    alibi_slopes (Hq,) or (..., Hq), float, |slope| <= 3.4e38: adds -slope * |d(i) - j| (read as
+    float64).
     kv_lengths, the batch shape ((B,) for 4-D inputs), integers in [0, S]: keys j >= kv_lengths[b]
     do not exist for batch element b; bottom_right then uses kv_lengths[b] for S.
     return_lse: also return the natural log-sum-exp of each row's scores, (..., Hq, L) of q's
@@ -413,7 +424,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Inference only: dropout_p must be 0. Without enable_gqa, the head dims broadcast like batch
     dims; with it, Hq must be a multiple of the key and value heads. attn_mask is bool, float32 or
-    of the query's dtype, and cannot be combined with is_causal (as in PyTorch).
+    of the query's dtype, and cannot be combined with is_causal (as in PyTorch). A scale beyond
+    float32's range raises ValueError, where PyTorch's float32 kernels return NaN.
     """
     if dropout_p != 0.0:
         raise NotImplementedError(

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import fastattn
+from fastattn import _core
 
 # Messages may use the parameter name (q) or the word (query).
 NAMED = {
@@ -76,8 +77,9 @@ def test_mask_may_not_enlarge_two_dim_output():
         fastattn.attention(ones(9, 16), ones(20, 16), ones(20, 8), np.ones((2, 9, 20), bool))
 
 
-@pytest.mark.parametrize("scale", [np.nan, np.inf, -np.inf])
-def test_scale_must_be_finite(scale):
+# Beyond float32's range the float32 kernels' scale is inf and every score NaN (found by fuzzing).
+@pytest.mark.parametrize("scale", [np.nan, np.inf, -np.inf, 1e300, -1e39])
+def test_scale_must_be_finite_in_float32(scale):
     with pytest.raises(ValueError, match=NAMED["scale"]):
         fastattn.attention(Q, K, V, scale=scale)
 
@@ -169,3 +171,27 @@ def test_dtypes_compare_by_value():
 
     q, k, v, mask = (pickle.loads(pickle.dumps(x)) for x in (Q, K, V, np.ones((9, 20), bool)))
     np.testing.assert_array_equal(fastattn.attention(q, k, v, mask), fastattn.attention(Q, K, V))
+
+
+# The compiled entry point checks what it reads whatever it is given (found by fuzzing: k with fewer
+# dims than q raised IndexError, and a non-array alibi_slopes, kv_lengths or lse was read as one).
+def _binding_arrays():
+    q, k, v = (np.ones((1, 2, 4, 3), np.float32) for _ in range(3))
+    return q, k, v, np.zeros((1, 2, 4, 3), np.float32)
+
+
+@pytest.mark.parametrize("name", ["k", "v", "out"])
+def test_binding_refuses_fewer_dims(name):
+    arrays = dict(zip("q k v out".split(), _binding_arrays()))
+    arrays[name] = arrays[name][0]
+    with pytest.raises(ValueError, match=rf"\b{name}\b.*dims"):
+        _core.attention_forward(arrays["q"], arrays["k"], arrays["v"], arrays["out"], None, 1.0, False, 1)
+
+
+@pytest.mark.parametrize("name", ["mask", "alibi_slopes", "kv_lengths", "lse"])
+def test_binding_refuses_non_arrays(name):
+    q, k, v, out = _binding_arrays()
+    keywords = {} if name == "mask" else {name: [1.0, 2.0]}
+    mask = [[1.0]] if name == "mask" else None
+    with pytest.raises(TypeError, match=rf"\b{name}\b"):
+        _core.attention_forward(q, k, v, out, mask, 1.0, False, 1, **keywords)

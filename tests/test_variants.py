@@ -166,12 +166,15 @@ def test_out_with_transposed_strides(isa, rng):
     (dict(softcap=0.0), ValueError, "softcap"),
     (dict(softcap=-1), ValueError, "softcap"),
     (dict(softcap=float("inf")), ValueError, "softcap"),
+    (dict(softcap=1e39), ValueError, "largest float32"),  # inf in float32: the cap gave NaN (found by fuzzing)
+    (dict(softcap=float("nan")), ValueError, "softcap"),
     (dict(softcap="2"), TypeError, "softcap"),
     (dict(alibi_slopes=np.ones(3)), ValueError, "alibi_slopes"),
     (dict(alibi_slopes=np.ones((3, 4))), ValueError, "alibi_slopes"),
     (dict(alibi_slopes=[1.0] * 4), TypeError, "alibi_slopes"),
     (dict(alibi_slopes=np.ones(4, dtype=np.int64)), TypeError, "alibi_slopes"),
     (dict(alibi_slopes=np.full(4, np.nan)), ValueError, "alibi_slopes"),
+    (dict(alibi_slopes=np.full(4, 1e39)), ValueError, "largest float32"),  # inf * 0 gave NaN (found by fuzzing)
     (dict(kv_lengths=np.array([5, 31])), ValueError, "kv_lengths"),
     (dict(kv_lengths=np.array([-1, 3])), ValueError, "kv_lengths"),
     (dict(kv_lengths=np.array([5])), ValueError, "kv_lengths"),
