@@ -93,3 +93,28 @@ def test_result_too_large_raises_memory_error(return_lse):
     k = np.zeros((1, 1, 4, 64), np.float32)
     with pytest.raises(MemoryError, match=r"cannot allocate the result: shape \(1, 1, 8589934592, 64\) of float32"):
         fastattn.attention(q, k, k, return_lse=return_lse)
+
+
+@pytest.mark.parametrize("seqlen_q", [3, 40])  # the decode kernel, the tile kernel
+def test_offsets_past_2_31_elements(isa, rng, seqlen_q):
+    """Rows, heads and out= laid out more than 2^31 elements (8 GiB) apart in one buffer: every
+    offset is formed in 64 bits. np.zeros maps its pages lazily, so only the touched ones are used."""
+    far = 2**31 + 96  # elements between neighbouring rows or heads
+    buffer = np.zeros(2 * far + 4096, np.float32)
+
+    def view(start, shape, strides):
+        x = np.lib.stride_tricks.as_strided(buffer[start:], shape, [4 * s for s in strides])
+        x[...] = rng.standard_normal(shape)
+        return x
+
+    q = view(0, (2, seqlen_q, 16), (far, 16, 1))  # heads far apart
+    k = view(64, (3, 16), (far, 1))  # every key row far from the next one
+    v = view(128, (3, 2), (1, far))  # the two features far apart
+    mask = view(1024, (2, seqlen_q, 3), (far, 3, 1))
+    out = view(2048, (2, seqlen_q, 2), (far, 2, 1))
+    inputs = [x.copy() for x in (q, k, v, mask)]
+    result = fastattn.attention(q, k, v, mask, out=out)
+    assert result is out
+    np.testing.assert_allclose(out, fastattn.reference.attention(*inputs), rtol=1e-5, atol=1e-6)
+    for x, before in zip((q, k, v, mask), inputs):
+        np.testing.assert_array_equal(x, before)
