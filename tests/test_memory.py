@@ -108,8 +108,8 @@ def test_offsets_past_2_31_elements(isa, rng, seqlen_q):
         return x
 
     q = view(0, (2, seqlen_q, 16), (far, 16, 1))  # heads far apart
-    k = view(64, (3, 16), (far, 1))  # every key row far from the next one
-    v = view(128, (3, 2), (1, far))  # the two features far apart
+    k = view(700, (3, 16), (far, 1))  # every key row far from the next one
+    v = view(800, (3, 2), (1, far))  # the two features far apart
     mask = view(1024, (2, seqlen_q, 3), (far, 3, 1))
     out = view(2048, (2, seqlen_q, 2), (far, 2, 1))
     inputs = [x.copy() for x in (q, k, v, mask)]
