@@ -99,9 +99,8 @@ class Interruption {
 // Work items (batch element, query head, query tile) in WorkRuns. Consecutive items are tiles of one
 // head, so its K and V stay in L2 (heads in turn ran at 2/3 of the speed); within a head the last
 // tiles, the heaviest under causal, come first.
-template <class V, class S, class MaskT>
+template <class V, class S, class MaskT, class Blocks>
 void run_tiles(const AttentionParams& p) {
-  using T = typename V::value_type;
   constexpr int M = Tile<V>::kBlockM;
   const int64_t tiles_per_head = (p.seqlen_q + M - 1) / M;
   const int64_t work_items = batch_count(p) * p.num_heads_q * tiles_per_head;
@@ -110,14 +109,15 @@ void run_tiles(const AttentionParams& p) {
   std::atomic<bool> out_of_memory{false};
 #pragma omp parallel num_threads(p.num_threads)
   {
-    TileScratch<V> scratch(p, /*convert_kv=*/!std::is_same_v<S, T>);
+    typename Blocks::Scratch scratch(p);
     if (!scratch.ok()) out_of_memory = true;
+    const typename Blocks::Thread thread_state;
     const int thread = omp_get_thread_num();
     for (int64_t item; scratch.ok() && !interruption.stop(thread) && runs.next(thread, item);) {
       const int64_t tile = tiles_per_head - 1 - item % tiles_per_head;
       const int64_t head = item / tiles_per_head % p.num_heads_q;
       const BatchIndex batch(p, item / tiles_per_head / p.num_heads_q);
-      attend_tile<V, MaskT>(p, head_views<S>(p, batch, head), tile * M, scratch);
+      attend_tile<V, MaskT, Blocks>(p, head_views<S>(p, batch, head), tile * M, scratch);
     }
   }
   if (out_of_memory) throw std::bad_alloc();
@@ -169,8 +169,9 @@ void run_decode(const AttentionParams& p) {
   if (out_of_memory) throw std::bad_alloc();
 }
 
-// V: the compute vector (float for half precision); S: the storage type of q, k, v and out.
-template <class V, class S = typename V::value_type>
+// V: the compute vector (float for half precision); S: the storage type of q, k, v and out;
+// Blocks: the prefill kernel's matrix products (tile_kernel.h).
+template <class V, class S = typename V::value_type, class Blocks = FmaBlocks<V, S>>
 void attention_forward_typed(const AttentionParams& p) {
   if (batch_count(p) * p.num_heads_q * p.seqlen_q == 0) return;
   visit_mask_type(p, [&](auto mask_type) {
@@ -178,7 +179,7 @@ void attention_forward_typed(const AttentionParams& p) {
     if (use_decode_kernel(p))
       run_decode<V, S, MaskT>(p);
     else
-      run_tiles<V, S, MaskT>(p);
+      run_tiles<V, S, MaskT, Blocks>(p);
   });
 }
 

@@ -3,6 +3,12 @@
 
 #include <atomic>
 
+#if defined(FASTATTN_X86_KERNELS)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace fastattn {
 namespace {
 
@@ -27,10 +33,28 @@ bool cpu_has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
+// AMX: the CPU has AMX-TILE and AMX-BF16 (CPUID 7.0 EDX bits 24, 22), the OS saves the tile state
+// (XCR0 bits 17, 18), and Linux grants this process the tile data state, which it must ask for once.
+bool cpu_has_amx() {
+  if (!cpu_has_avx512() || !__builtin_cpu_supports("avx512bf16")) return false;
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24)) || !(edx & (1u << 22))) return false;
+  unsigned xcr0_low, xcr0_high;
+  __asm__("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+  if ((xcr0_low & (3u << 17)) != (3u << 17)) return false;
+#if defined(__linux__)
+  constexpr int kArchRequestXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  static const bool granted = syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureXtiledata) == 0;
+  return granted;
+#else
+  return false;
+#endif
+}
 constexpr Isa kIsas[] = {
     {"scalar", generic::attention_forward, always},
     {"avx2", avx2::attention_forward, cpu_has_avx2},
     {"avx512", avx512::attention_forward, cpu_has_avx512},
+    {"amx", amx::attention_forward, cpu_has_amx},
 };
 #else
 constexpr Isa kIsas[] = {{"scalar", generic::attention_forward, always}};
@@ -68,7 +92,8 @@ std::vector<std::pair<std::string, bool>> cpu_features() {
           {"avx512bw", bool(__builtin_cpu_supports("avx512bw"))},
           {"avx512vl", bool(__builtin_cpu_supports("avx512vl"))},
           {"avx512dq", bool(__builtin_cpu_supports("avx512dq"))},
-          {"avx512bf16", bool(__builtin_cpu_supports("avx512bf16"))}};
+          {"avx512bf16", bool(__builtin_cpu_supports("avx512bf16"))},
+          {"amx-bf16", cpu_has_amx()}};
 #else
   return {};
 #endif

@@ -46,10 +46,14 @@ struct TileLanes {
   T* row_sum;  // [BLOCK_M], l_i
   T* alpha;    // [BLOCK_M], exp(m_old - m_new) of the last block
   T* lane_index;  // [BLOCK_M], 0, 1, 2, ...
+  // Only for the AMX micro-kernels (tile_amx.h), else null: pairs of bfloat16 in 32-bit lanes.
+  uint32_t* q_pairs = nullptr;  // [head_dim / 2 padded][BLOCK_M], queries' features 2i, 2i + 1
+  uint32_t* p_pairs = nullptr;  // [BLOCK_N / 2][BLOCK_M], probabilities of keys 2j, 2j + 1
 
   TileLanes from_vector(int vector) const {
     const int64_t lane = int64_t{vector} * V::size;
-    return {q_tile + lane, scores + lane, acc + lane, row_max + lane, row_sum + lane, alpha + lane, lane_index};
+    return {q_tile + lane, scores + lane, acc + lane, row_max + lane, row_sum + lane, alpha + lane, lane_index,
+            q_pairs ? q_pairs + lane : nullptr, p_pairs ? p_pairs + lane : nullptr};
   }
 };
 
@@ -408,44 +412,81 @@ void accumulate_block(const MatrixView<const typename V::value_type>& v, int64_t
   accumulate_value_tail<V, R>(static_cast<int>(head_dim_v - e), v, key_begin, keys, e, rescale, s);
 }
 
+// The tile's matrix products, as a policy: these multiply in the compute type with FMAs, K and V
+// read in place (or converted, for half precision); tile_amx.h has AMX ones for bfloat16. A policy
+// provides:
+//   Scratch(p)                                   per-thread memory, a TileScratch
+//   Thread                                       per-thread state, held while the thread works
+//   Keys prepare(p, h, key_begin, keys, s)       what score and accumulate read of a block
+//   pack_queries<R>(p, h, row_begin, rows, s)    the query tile, into s
+//   score<R>(p, keys, key_begin, count, s)       s.scores = scale * q k^T
+//   accumulate<R>(p, keys, key_begin, count, rescale, s)   s.acc = alpha * s.acc + P V
+template <class V, class S>
+struct FmaBlocks {
+  using T = typename V::value_type;
+  struct Scratch : TileScratch<V> {
+    explicit Scratch(const AttentionParams& p) : TileScratch<V>(p, /*convert_kv=*/!std::is_same_v<S, T>) {}
+  };
+  struct Thread {};
+  using Keys = KeyBlock<T>;
+
+  static Keys prepare(const AttentionParams& p, const HeadViews<S>& h, int64_t key_begin, int keys, Scratch& s) {
+    return key_block(p, h, key_begin, keys, s);
+  }
+  template <int R>
+  static void pack_queries(const AttentionParams& p, const HeadViews<S>& h, int64_t row_begin, int64_t rows,
+                           Scratch& s) {
+    pack_query_tile<V, R>(h.q, row_begin, rows, p.head_dim, static_cast<T>(p.scale), s);
+  }
+  template <int R>
+  static void score(const AttentionParams& p, const Keys& kv, int64_t key_begin, int keys, const TileLanes<V>& s) {
+    score_block<V, R>(kv.k, key_begin - kv.first, keys, p.head_dim, s);
+  }
+  template <int R>
+  static void accumulate(const AttentionParams& p, const Keys& kv, int64_t key_begin, int keys, bool rescale,
+                         const TileLanes<V>& s) {
+    accumulate_block<V, R>(kv.v, key_begin - kv.first, keys, p.head_dim_v, rescale, s);
+  }
+};
+
 // One block of keys against the R query vectors of `s` (query rows row_begin .. row_begin + rows - 1
 // valid; last_row is the tile's last row).
-template <class V, class MaskT, int R, class S>
-void attend_block(const AttentionParams& p, const HeadViews<S>& h, const KeyBlock<typename V::value_type>& kv,
+template <class V, class MaskT, int R, class Blocks, class S>
+void attend_block(const AttentionParams& p, const HeadViews<S>& h, const typename Blocks::Keys& kv,
                   int64_t row_begin, int64_t rows, int64_t last_row, int64_t key_begin, int keys,
                   const TileLanes<V>& s) {
-  score_block<V, R>(kv.k, key_begin - kv.first, keys, p.head_dim, s);
+  Blocks::template score<R>(p, kv, key_begin, keys, s);
   if (p.softcap > 0 || p.alibi_slopes) transform_scores<V, R>(p, h, row_begin, key_begin, keys, s);
   if constexpr (!std::is_void_v<MaskT>) mask_block<V, MaskT>(h, row_begin, rows, key_begin, keys, s);
   const bool cut = window_cuts(p, h.diagonal, row_begin, last_row, key_begin, key_begin + keys);
   if (cut) hide_outside_window<V, R>(p, h.diagonal, row_begin, key_begin, keys, s);
   const bool may_hide = !std::is_void_v<MaskT> || cut;
   const bool rescale = may_hide ? softmax_block<V, R, true>(keys, s) : softmax_block<V, R, false>(keys, s);
-  accumulate_block<V, R>(kv.v, key_begin - kv.first, keys, p.head_dim_v, rescale, s);
+  Blocks::template accumulate<R>(p, kv, key_begin, keys, rescale, s);
 }
 
 // The same, for the tile's query vectors from `first` on (the earlier ones see none of the keys).
-template <class V, class MaskT, int R, class S>
-void attend_block_from(int first, const AttentionParams& p, const HeadViews<S>& h,
-                       const KeyBlock<typename V::value_type>& kv, int64_t row_begin, int64_t rows, int64_t last_row, int64_t key_begin, int keys,
+template <class V, class MaskT, int R, class Blocks, class S>
+void attend_block_from(int first, const AttentionParams& p, const HeadViews<S>& h, const typename Blocks::Keys& kv,
+                       int64_t row_begin, int64_t rows, int64_t last_row, int64_t key_begin, int keys,
                        const TileLanes<V>& s) {
   constexpr int W = V::size;
   if constexpr (R > 1)
     if (first > 0)
-      return attend_block_from<V, MaskT, R - 1>(first - 1, p, h, kv, row_begin + W, rows - W, last_row, key_begin,
-                                                keys, s.from_vector(1));
-  attend_block<V, MaskT, R>(p, h, kv, row_begin, rows, last_row, key_begin, keys, s);
+      return attend_block_from<V, MaskT, R - 1, Blocks>(first - 1, p, h, kv, row_begin + W, rows - W, last_row,
+                                                        key_begin, keys, s.from_vector(1));
+  attend_block<V, MaskT, R, Blocks>(p, h, kv, row_begin, rows, last_row, key_begin, keys, s);
 }
 
 // One query tile of one head, R vectors of queries (fewer than kVectors only for the last tile
 // of a head, so a ragged end wastes less than one vector), against all the keys it can see.
-template <class V, class MaskT, int R, class S>
-void attend_tile(const AttentionParams& p, const HeadViews<S>& h, int64_t row_begin, TileScratch<V>& s) {
+template <class V, class MaskT, int R, class Blocks, class S>
+void attend_tile(const AttentionParams& p, const HeadViews<S>& h, int64_t row_begin, typename Blocks::Scratch& s) {
   using T = typename V::value_type;
   constexpr int W = V::size, M = Tile<V>::kBlockM, N = Tile<V>::kBlockN;
   const int64_t rows = std::min<int64_t>(R * W, p.seqlen_q - row_begin);
 
-  pack_query_tile<V, R>(h.q, row_begin, rows, p.head_dim, static_cast<T>(p.scale), s);
+  Blocks::template pack_queries<R>(p, h, row_begin, rows, s);
   for (int i = 0; i < R * W; ++i) {
     s.row_max[i] = -std::numeric_limits<T>::infinity();
     s.row_sum[i] = T(0);
@@ -475,14 +516,15 @@ void attend_tile(const AttentionParams& p, const HeadViews<S>& h, int64_t row_be
   for (int64_t key_begin = range.begin; key_begin < hidden_begin; key_begin += N) {
     const int keys = static_cast<int>(std::min<int64_t>(N, hidden_begin - key_begin));
     prefetch_output();
-    attend_block<V, MaskT, R>(p, h, key_block(p, h, key_begin, keys, s), row_begin, rows, last_row, key_begin, keys, s);
+    attend_block<V, MaskT, R, Blocks>(p, h, Blocks::prepare(p, h, key_begin, keys, s), row_begin, rows, last_row,
+                                      key_begin, keys, s);
   }
   for (int64_t key_begin = hidden_begin, first = 0; key_begin < range.end; ++first) {
     const int64_t key_end = std::min(range.end, hidden_begin + (first + 1) * W - 1);  // vector `first`'s last key + 1
     const int keys = static_cast<int>(key_end - key_begin);
     prefetch_output();
-    attend_block_from<V, MaskT, R>(static_cast<int>(first), p, h, key_block(p, h, key_begin, keys, s), row_begin, rows,
-                                   last_row, key_begin, keys, s);
+    attend_block_from<V, MaskT, R, Blocks>(static_cast<int>(first), p, h, Blocks::prepare(p, h, key_begin, keys, s),
+                                           row_begin, rows, last_row, key_begin, keys, s);
     key_begin = key_end;
   }
 
@@ -494,13 +536,13 @@ void attend_tile(const AttentionParams& p, const HeadViews<S>& h, int64_t row_be
 }
 
 // The tile starting at row_begin, with as many query vectors as its rows need.
-template <class V, class MaskT, class S>
-void attend_tile(const AttentionParams& p, const HeadViews<S>& h, int64_t row_begin, TileScratch<V>& s) {
+template <class V, class MaskT, class Blocks, class S>
+void attend_tile(const AttentionParams& p, const HeadViews<S>& h, int64_t row_begin, typename Blocks::Scratch& s) {
   static_assert(Tile<V>::kVectors == 3, "one case per vector count below");
   switch ((std::min<int64_t>(Tile<V>::kBlockM, p.seqlen_q - row_begin) + V::size - 1) / V::size) {
-    case 1: return attend_tile<V, MaskT, 1>(p, h, row_begin, s);
-    case 2: return attend_tile<V, MaskT, 2>(p, h, row_begin, s);
-    default: return attend_tile<V, MaskT, 3>(p, h, row_begin, s);
+    case 1: return attend_tile<V, MaskT, 1, Blocks>(p, h, row_begin, s);
+    case 2: return attend_tile<V, MaskT, 2, Blocks>(p, h, row_begin, s);
+    default: return attend_tile<V, MaskT, 3, Blocks>(p, h, row_begin, s);
   }
 }
 
