@@ -78,6 +78,15 @@ def test_masks(rng, seqlen_q, mask_dtype, dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_heads_past_the_head_cache(rng, dtype):
+    """K and V heads over 8 MB once converted (float32) or packed (AMX) are prepared block by block."""
+    q = random_half(rng, (40, 128), dtype)
+    k, v = random_half(rng, (17000, 128), dtype), random_half(rng, (17000, 128), dtype)
+    for keywords in (dict(), dict(causal=True, align="bottom_right", window=(9000, None))):
+        assert_within_half_rounding(fastattn.attention(q, k, v, **keywords), reference.attention(q, k, v, **keywords))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 def test_strided_views(rng, dtype):
     """Transposed, sliced and reversed views are read where they are, as for float32."""
     q = random_half(rng, (50, 3, 80), dtype).transpose(1, 0, 2)[:, ::2]
