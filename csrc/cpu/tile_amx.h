@@ -62,7 +62,9 @@ struct AmxBlocks {
         : TileScratch<V>(p.head_dim, padded_dim_v(p), /*convert_kv=*/false, /*head_elements=*/0),
           dim(padded_dim(p)),
           dim_v(padded_dim_v(p)),
-          capacity(2 * (p.seqlen_k + kPadKeys) * (dim + dim_v) <= TileScratch<V>::kHeadCacheBytes ? p.seqlen_k : N),
+          capacity(int64_t{sizeof(uint16_t)} * (p.seqlen_k + kPadKeys) * (dim + dim_v) <= TileScratch<V>::kHeadCacheBytes
+                       ? p.seqlen_k
+                       : N),
           pairs((dim / 2 + N / 2) * M),
           packed((capacity + kPadKeys) * (dim + dim_v)) {
       this->q_pairs = pairs.data();
