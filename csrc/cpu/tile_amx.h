@@ -187,33 +187,44 @@ struct AmxBlocks {
       }
   }
 
+  // Bytes between the rows of a tile over the query lanes (q_pairs, p_pairs, scores, acc).
+  static constexpr int kStride = M * sizeof(uint32_t);
+
+  // Accumulators 0 .. R-1 += the left operand (16 rows at `left`, `left_stride` bytes apart) times
+  // the R right operands side by side from `right` on (one per query vector).
+  template <int R>
+  static void multiply(const void* left, int64_t left_stride, const uint32_t* right) {
+    _tile_loadd(4, left, left_stride);
+    _tile_loadd(6, right, kStride);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (R > 1) {
+      _tile_loadd(7, right + 16, kStride);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (R > 2) {
+      _tile_loadd(6, right + 32, kStride);
+      _tile_dpbf16ps(2, 4, 6);
+    }
+  }
+
+  template <int R>
+  static void store_accumulators(T* to) {
+    _tile_stored(0, to, kStride);
+    if constexpr (R > 1) _tile_stored(1, to + 16, kStride);
+    if constexpr (R > 2) _tile_stored(2, to + 32, kStride);
+  }
+
   template <int R>
   static void score(const AttentionParams& p, const Keys& kv, int64_t key_begin, int keys, const TileLanes<V>& s) {
     const int64_t dim = padded_dim(p);
     const uint16_t* const k = kv.k + (key_begin - kv.first) * dim;
-    constexpr int kStride = M * sizeof(uint32_t);
     for (int j0 = 0; j0 < keys; j0 += 16) {
       _tile_zero(0);
       if constexpr (R > 1) _tile_zero(1);
       if constexpr (R > 2) _tile_zero(2);
-      for (int64_t d0 = 0; d0 < dim; d0 += 32) {
-        const uint32_t* q = s.q_pairs + d0 / 2 * M;
-        _tile_loadd(4, k + j0 * dim + d0, dim * sizeof(uint16_t));
-        _tile_loadd(6, q, kStride);
-        _tile_dpbf16ps(0, 4, 6);
-        if constexpr (R > 1) {
-          _tile_loadd(7, q + 16, kStride);
-          _tile_dpbf16ps(1, 4, 7);
-        }
-        if constexpr (R > 2) {
-          _tile_loadd(6, q + 32, kStride);
-          _tile_dpbf16ps(2, 4, 6);
-        }
-      }
-      T* const scores = s.scores + j0 * M;
-      _tile_stored(0, scores, kStride);
-      if constexpr (R > 1) _tile_stored(1, scores + 16, kStride);
-      if constexpr (R > 2) _tile_stored(2, scores + 32, kStride);
+      for (int64_t d0 = 0; d0 < dim; d0 += 32)
+        multiply<R>(k + j0 * dim + d0, dim * sizeof(uint16_t), s.q_pairs + d0 / 2 * M);
+      store_accumulators<R>(s.scores + j0 * M);
     }
     const V scale = V::broadcast(static_cast<T>(p.scale));
     for (int j = 0; j < keys; ++j)
@@ -244,29 +255,14 @@ struct AmxBlocks {
       }
 
     const uint16_t* const vt = kv.vt + (key_begin - kv.first);
-    constexpr int kStride = M * sizeof(uint32_t);
     for (int64_t e0 = 0; e0 < dim_v; e0 += 16) {
       T* const acc = s.acc + e0 * M;
       _tile_loadd(0, acc, kStride);
       if constexpr (R > 1) _tile_loadd(1, acc + 16, kStride);
       if constexpr (R > 2) _tile_loadd(2, acc + 32, kStride);
-      for (int c = 0; c < chunks; ++c) {
-        const uint32_t* probabilities = s.p_pairs + c * 16 * M;
-        _tile_loadd(4, vt + e0 * kv.vt_row + c * 32, kv.vt_row * sizeof(uint16_t));
-        _tile_loadd(6, probabilities, kStride);
-        _tile_dpbf16ps(0, 4, 6);
-        if constexpr (R > 1) {
-          _tile_loadd(7, probabilities + 16, kStride);
-          _tile_dpbf16ps(1, 4, 7);
-        }
-        if constexpr (R > 2) {
-          _tile_loadd(6, probabilities + 32, kStride);
-          _tile_dpbf16ps(2, 4, 6);
-        }
-      }
-      _tile_stored(0, acc, kStride);
-      if constexpr (R > 1) _tile_stored(1, acc + 16, kStride);
-      if constexpr (R > 2) _tile_stored(2, acc + 32, kStride);
+      for (int c = 0; c < chunks; ++c)
+        multiply<R>(vt + e0 * kv.vt_row + c * 32, kv.vt_row * sizeof(uint16_t), s.p_pairs + c * 16 * M);
+      store_accumulators<R>(acc);
     }
   }
 };
