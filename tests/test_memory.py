@@ -118,3 +118,16 @@ def test_offsets_past_2_31_elements(isa, rng, seqlen_q):
     np.testing.assert_allclose(out, fastattn.reference.attention(*inputs), rtol=1e-5, atol=1e-6)
     for x, before in zip((q, k, v, mask), inputs):
         np.testing.assert_array_equal(x, before)
+
+
+def test_key_counts_past_2_31():
+    """2^31 + 5 keys (a stride-0 view of one key and value row), kv_lengths past 2^31: every key
+    index is 64-bit, and the log-sum-exp counts exactly the visible keys. Each key scores 1, so
+    lse = 1 + log(number of visible keys). About 15 s on two idle cores."""
+    keys = 2**31 + 5
+    q = np.ones((1, 1, 1, 1))
+    k = np.broadcast_to(np.ones((1, 1, 1, 1)), (1, 1, keys, 1))
+    v = np.broadcast_to(np.array([0.5, -2.0]), (1, 1, keys, 2))
+    out, lse = fastattn.attention(q, k, v, kv_lengths=np.array([keys - 2]), return_lse=True)
+    np.testing.assert_array_equal(out[0, 0, 0], [0.5, -2.0])
+    np.testing.assert_allclose(lse[0, 0, 0], 1 + np.log(keys - 2), rtol=1e-12)
