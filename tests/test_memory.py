@@ -130,4 +130,4 @@ def test_key_counts_past_2_31():
     v = np.broadcast_to(np.array([0.5, -2.0]), (1, 1, keys, 2))
     out, lse = fastattn.attention(q, k, v, kv_lengths=np.array([keys - 2]), return_lse=True)
     np.testing.assert_array_equal(out[0, 0, 0], [0.5, -2.0])
-    np.testing.assert_allclose(lse[0, 0, 0], 1 + np.log(keys - 2), rtol=1e-12)
+    np.testing.assert_allclose(lse[0, 0, 0], 1 + np.log(keys - 2), rtol=1e-9)
