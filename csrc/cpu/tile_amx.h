@@ -53,10 +53,7 @@ struct AmxBlocks {
     const int64_t dim, dim_v;
     const int64_t capacity;  // keys `packed` holds: the whole head if it fits, else one block
     AlignedBuffer<uint32_t> pairs;
-    AlignedBuffer<uint16_t> packed;
-    const void* head_k = nullptr;  // the head `packed` holds whole, if any
-    const void* head_v = nullptr;
-    int64_t head_keys = -1;
+    AlignedBuffer<uint16_t> packed;  // the head it holds whole, if any: TileScratch's head_k, head_v, head_keys
 
     explicit Scratch(const AttentionParams& p)
         : TileScratch<V>(p.head_dim, padded_dim_v(p), /*convert_kv=*/false, /*head_elements=*/0),
