@@ -111,7 +111,7 @@ void run_tiles(const AttentionParams& p) {
   {
     typename Blocks::Scratch scratch(p);
     if (!scratch.ok()) out_of_memory = true;
-    const typename Blocks::Thread thread_state;
+    [[maybe_unused]] const typename Blocks::Thread thread_state;  // held while the thread works
     const int thread = omp_get_thread_num();
     for (int64_t item; scratch.ok() && !interruption.stop(thread) && runs.next(thread, item);) {
       const int64_t tile = tiles_per_head - 1 - item % tiles_per_head;
