@@ -28,8 +28,17 @@ def _is_supported(dtype):
 def _lse_dtype(dtype):
     """Half-precision inputs are computed in float32, and their log-sum-exp is kept at that precision."""
     return np.dtype(np.float32) if _is_half(dtype) else dtype
+
+
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _MAX_NDIM = 9  # batch dims, head, row, column: the kernel takes up to six batch dims
+
+
+def _within_float32(x):
+    """Whether every |x| <= the largest float32 (False for NaN). The float32 and half-precision kernels
+    apply scale, softcap and ALiBi slopes in float32, where a larger value becomes inf and the scores
+    NaN (inf * 0, inf * tanh(0)); every dtype gets the same bound."""
+    return bool(np.all(np.abs(x) <= _FLOAT32_MAX))
 
 
 def _default_num_threads():
@@ -125,7 +134,7 @@ def _check_scale(scale, head_dim):
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
     if isinstance(scale, bool) or not isinstance(scale, Real):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    if not abs(scale) <= _FLOAT32_MAX:  # as softcap: float32 kernels apply it in float32
+    if not _within_float32(scale):
         raise ValueError(f"scale must be finite and at most {_FLOAT32_MAX:.4g} in magnitude (the largest float32), "
                          f"got {scale}")
     return float(scale)
@@ -217,9 +226,7 @@ def _check_softcap(softcap):
         return 0.0
     if isinstance(softcap, bool) or not isinstance(softcap, Real):
         raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
-    # Every dtype gets the float32 bound: float32 and half-precision kernels apply the cap in float32,
-    # where a larger one becomes inf (and inf * tanh(s / inf) NaN).
-    if not (0 < softcap <= _FLOAT32_MAX):
+    if not (softcap > 0 and _within_float32(softcap)):
         raise ValueError(f"softcap must be positive and at most {_FLOAT32_MAX:.4g} (the largest float32), "
                          f"got {softcap}")
     return float(softcap)
@@ -262,7 +269,7 @@ def _check_alibi_slopes(slopes, layout):
     _check_alibi_shape(slopes.shape, layout)
     target = layout.batch + (layout.heads_q,)
     slopes = slopes.astype(np.float64)
-    if not (np.abs(slopes) <= _FLOAT32_MAX).all():  # as scale: float32 kernels apply them in float32
+    if not _within_float32(slopes):
         raise ValueError(f"alibi_slopes must be finite and at most {_FLOAT32_MAX:.4g} in magnitude (the largest "
                          f"float32)")
     return np.broadcast_to(slopes, target)
