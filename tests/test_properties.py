@@ -5,7 +5,8 @@ mask row).
 
 Every float32 result is held to the naive float32 implementation's error against the float64
 reference, every float64 result to the float64 reference's error against np.longdouble
-(conftest.assert_within_naive_error). No input is ever modified.
+(conftest.assert_within_naive_error), float16 and bfloat16 results to test_half_precision's 4 units
+of their rounding. No input is ever modified.
 
 Profiles: "ci" (the default: derandomized, so every run tries the same examples) and "long"
 (FASTATTN_HYPOTHESIS_PROFILE=long: twenty times as many random examples, saved in the example
@@ -26,8 +27,10 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 import fastattn
+from fastattn import reference
 
 from conftest import SUPPORTED_ISAS, assert_accurate, assert_within_naive_error, attention_in
+from test_half_precision import HALF_DTYPES, assert_within_half_rounding, unit_roundoff
 from test_variants import assert_lse_accurate
 
 # Named apart from hypothesis's own "ci" profile, which it loads by itself under a CI runner.
@@ -198,11 +201,11 @@ def bool_mask(rng, hidden):
 
 
 @st.composite
-def attention_cases(draw, positional=True, mask_dtypes=(None, bool, np.float32, np.float64)):
+def attention_cases(draw, positional=True, mask_dtypes=(None, bool, np.float32, np.float64), dtypes=DTYPES):
     """q, k, v, mask and keywords for fastattn.attention. positional=False leaves out the keywords
     that depend on key positions (causal, align, window, alibi_slopes, kv_lengths)."""
     isa = draw(st.sampled_from(SUPPORTED_ISAS))
-    dtype = draw(st.sampled_from(DTYPES))
+    dtype = draw(st.sampled_from(dtypes))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
 
     batch = tuple(draw(st.lists(st.integers(1, 3), max_size=3)))
@@ -354,6 +357,26 @@ def test_attention_matches_reference(case, return_lse, give_out, data):
     assert_accurate(result, q, k, v, case.mask, **kwargs)
     if return_lse:
         assert_lse_accurate(lse, q, k, v, dict(kwargs, mask=case.mask))
+
+
+@examples(0.3)
+@given(attention_cases(mask_dtypes=(None, bool, np.float32, *HALF_DTYPES), dtypes=HALF_DTYPES))
+def test_half_precision_matches_reference(case):
+    """float16 and bfloat16 with every keyword, masks of half dtypes too, on every ISA: within
+    test_half_precision's 4 units of the output dtype's rounding of the reference, plus on amx what
+    rounding the probabilities to bfloat16 may add."""
+    result = attend(case)
+    assert result.dtype == case.q.dtype
+    assert result.shape == result_shape(case.q, case.k, case.v)
+    q, k, v, kwargs = for_reference(case.q, case.k, case.v, case.kwargs)
+    result, _ = as_compared(result, None)
+    slack = 0
+    if case.isa == "amx" and case.q.dtype == HALF_DTYPES[1] and kernel_path(case.q, case.k, case.v) == "tile":
+        # AMX multiplies V by the probabilities rounded to bfloat16, each p_j off by up to u p_j: up to
+        # u * sum_j p_j |v_j| / sum_j p_j more, the reference on |v|. Where a row's values cancel, that
+        # is many units of the output itself (README: 117 at Ev = 1).
+        slack = unit_roundoff(result.dtype) * reference.attention(q, k, np.abs(v), case.mask, **kwargs)
+    assert_within_half_rounding(result, reference.attention(q, k, v, case.mask, **kwargs), slack=slack)
 
 
 @st.composite
