@@ -1,7 +1,6 @@
 """Thread count control, and results that do not depend on threads at all."""
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -77,26 +76,3 @@ def test_default_follows_cpu_affinity():
     one_core = {min(os.sched_getaffinity(0))}
     assert num_threads_in_fresh_process(cpus=one_core) == 1
 
-
-def test_concurrent_calls_match_serial(isa, rng):
-    shapes = [
-        ((2, 4, 65, 64), (2, 4, 197, 64), (2, 4, 197, 64)),
-        ((1, 8, 256, 128), (1, 2, 256, 128), (1, 2, 256, 128)),
-        ((3, 7, 17), (3, 1000, 17), (3, 1000, 33)),
-        ((1, 4, 1, 64), (1, 4, 4096, 64), (1, 4, 4096, 64)),
-        ((2, 2, 300, 80), (2, 2, 100, 80), (2, 2, 100, 80)),
-        ((5, 63, 32), (5, 64, 32), (5, 64, 32)),
-        ((1, 1, 1000, 3), (1, 1, 1000, 3), (1, 1, 1000, 3)),
-        ((4, 2, 128, 256), (4, 2, 128, 256), (4, 2, 128, 256)),
-    ]
-    calls = []
-    for index, (q_shape, k_shape, v_shape) in enumerate(shapes):
-        dtype = np.float64 if index % 3 == 2 else np.float32
-        args, _ = make_case(rng, dtype, q_shape, k_shape, v_shape, bool_mask if index % 2 else None)
-        calls.append((args, {"causal": index % 4 == 1}))
-
-    serial = [fastattn.attention(*args, **kwargs) for args, kwargs in calls]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        concurrent = list(pool.map(lambda call: fastattn.attention(*call[0], **call[1]), calls * 3))
-    for index, out in enumerate(concurrent):
-        np.testing.assert_array_equal(out, serial[index % len(calls)])
