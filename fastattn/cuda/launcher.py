@@ -14,6 +14,8 @@ queued, without waiting for the GPU. Under NUMBA_ENABLE_CUDASIM=1 the same code 
 
 import ctypes
 import math
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Tuple
 
@@ -182,6 +184,8 @@ def compiled_kernel(bucket, mask_kind, mask_dtype, windowed):
         function = _kernel.make_attention_kernel(config, mask_kind, windowed, mask_dtype)
         # The simulator's jit takes no launch bounds.
         options = {} if config_module.ENABLE_CUDASIM else {"launch_bounds": _kernel.launch_bounds(config)}
+        if config_module.ENABLE_CUDASIM:
+            _make_simulator_shared_arrays_thread_safe()
         _compiled[key] = cuda.jit(**options)(function)
     return _compiled[key]
 
@@ -246,3 +250,36 @@ def _placeholder(dtype):
 def _simulator_array(host):
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
     return FakeCUDAArray(host)
+
+
+def _make_simulator_shared_arrays_thread_safe():
+    """numba-cuda 0.30.4's simulator runs a block's threads as Python threads; the first to call
+    cuda.shared.array at a line creates the block's array and files it under that line, without a
+    lock. Two threads can both find no array and each keep its own, so the block's threads stop
+    sharing the tile: wrong results, rarely under load, for every block with sys.setswitchinterval(1e-6).
+    This replaces the method by the same lookup done under a lock (dynamic shared memory, unused here,
+    keeps the original)."""
+    from numba.cuda import types
+    from numba.cuda.np import numpy_support
+    from numba.cuda.simulator import kernelapi
+
+    shared = kernelapi.FakeCUDAShared
+    if getattr(shared.array, "thread_safe", False):
+        return
+    unsafe_array = shared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:
+            return unsafe_array(self, shape, dtype, alignment)
+        caller = sys._getframe(1)
+        line = (caller.f_code.co_filename, caller.f_lineno)  # the original's key
+        with lock:
+            if line not in self._allocations:
+                if isinstance(dtype, types.Type):
+                    dtype = numpy_support.as_dtype(dtype)
+                self._allocations[line] = np.empty(shape, dtype)
+            return self._allocations[line]
+
+    array.thread_safe = True
+    shared.array = array
