@@ -182,9 +182,9 @@ def compiled_kernel(bucket, mask_kind, mask_dtype, windowed):
     if key not in _compiled:
         config = _kernel.TILE_CONFIGS[bucket]
         function = _kernel.make_attention_kernel(config, mask_kind, windowed, mask_dtype)
-        # The simulator's jit takes no launch bounds.
-        options = {} if config_module.ENABLE_CUDASIM else {"launch_bounds": _kernel.launch_bounds(config)}
+        options = {"launch_bounds": _kernel.launch_bounds(config)}
         if config_module.ENABLE_CUDASIM:
+            options = {}  # the simulator's jit takes no launch bounds
             _make_simulator_shared_arrays_thread_safe()
         _compiled[key] = cuda.jit(**options)(function)
     return _compiled[key]
@@ -256,7 +256,8 @@ def _make_simulator_shared_arrays_thread_safe():
     """numba-cuda 0.30.4's simulator runs a block's threads as Python threads; the first to call
     cuda.shared.array at a line creates the block's array and files it under that line, without a
     lock. Two threads can both find no array and each keep its own, so the block's threads stop
-    sharing the tile: wrong results, rarely under load, for every block with sys.setswitchinterval(1e-6).
+    sharing the tile: a wrong block now and then under load (about 1 in 200 blocks of a small test
+    kernel with sys.setswitchinterval(1e-6)).
     This replaces the method by the same lookup done under a lock (dynamic shared memory, unused here,
     keeps the original)."""
     from numba.cuda import types
