@@ -1,5 +1,5 @@
 """Resource check of the GPU kernels, no GPU needed: compiles every shipped specialisation to PTX for
-sm_80 (A100) and sm_90 (H100) with numba-cuda's compile_ptx, assembles it with
+sm_80 (A100) and sm_90 (H100) with numba-cuda (front end once, NVVM per arch), assembles it with
 `ptxas -v -warn-spills -Werror`, and prints registers, static shared memory, spills and the resulting
 occupancy per SM. Exits non-zero if any kernel spills, fails to assemble, or needs more than the
 48 KB of static shared memory a block may have without an opt-in.
@@ -54,19 +54,37 @@ def occupancy(arch, registers, shared, threads):
     return by[limiter], by[limiter] * warps, limiter
 
 
-def check(task):
-    """Compile one specialisation for one arch and assemble it; returns a result row."""
-    arch, (dtype, bucket, mask_kind, mask_dtype, windowed), ptxas, folder = task
-    from numba import cuda
+def compile_for_archs(function, signature, archs, launch_bounds):
+    """PTX of one kernel for each arch. numba-cuda's front end (typing, lowering to LLVM IR), most of
+    compile_ptx's time, looks at the compute capability only for tanh's fast path (>= 7.5) and float64
+    atomics (>= 6.0), the same for every arch here: so it runs once and only NVVM runs per arch, where
+    compile_ptx would redo everything. _compile_pyfunc_with_fixup is private; the package pins
+    numba-cuda's version."""
+    from numba.cuda.compiler import _compile_pyfunc_with_fixup
 
+    capabilities = [ARCHS[arch]["cc"] for arch in archs]
+    assert all(cc >= (7, 5) for cc in capabilities), capabilities
+    library, _ = _compile_pyfunc_with_fixup(function, signature, device=False, abi="numba", cc=capabilities[0],
+                                            launch_bounds=launch_bounds)
+    return {arch: library.get_asm_strs(cc=cc)[0] for arch, cc in zip(archs, capabilities)}
+
+
+def check(task):
+    """Compile one specialisation for every arch and assemble it; returns a result row per arch."""
+    archs, (dtype, bucket, mask_kind, mask_dtype, windowed), ptxas, folder = task
     from fastattn.cuda import kernel
 
     config = kernel.TILE_CONFIGS[bucket]
     threads = kernel.threads_per_block(config)
     function = kernel.make_attention_kernel(config, mask_kind, windowed, mask_dtype)
-    ptx, _ = cuda.compile_ptx(function, kernel.kernel_signature(dtype, mask_dtype), cc=ARCHS[arch]["cc"],
-                              launch_bounds=kernel.launch_bounds(config))
+    ptxes = compile_for_archs(function, kernel.kernel_signature(dtype, mask_dtype), archs,
+                              kernel.launch_bounds(config))
     name = f"{dtype}_d{bucket}_{mask_kind}{'_' + mask_dtype if mask_kind == 'additive' else ''}{'_windowed' if windowed else ''}"
+    return [assemble(arch, name, ptx, threads, ptxas, folder) for arch, ptx in ptxes.items()]
+
+
+def assemble(arch, name, ptx, threads, ptxas, folder):
+    """ptxas -v of one kernel's PTX for one arch: its registers, shared memory, spills and occupancy."""
     path = os.path.join(folder, f"{name}_{arch}.ptx")
     with open(path, "w") as f:
         f.write(ptx)
@@ -105,9 +123,11 @@ def main(argv=None):
     from fastattn.cuda import kernel  # imports numba; the workers compile
 
     with tempfile.TemporaryDirectory() as folder:
-        tasks = [(arch, spec, ptxas, folder) for arch in args.arch for spec in kernel.specialisations()]
+        archs = list(dict.fromkeys(args.arch))
+        tasks = [(archs, spec, ptxas, folder) for spec in kernel.specialisations()]
         with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            rows = list(pool.map(check, tasks))
+            per_spec = list(pool.map(check, tasks))
+    rows = sorted((row for rows in per_spec for row in rows), key=lambda row: archs.index(row["arch"]))
 
     header = ("arch", "kernel", "threads", "regs", "smem B", "spill st/ld", "blocks/SM", "warps/SM", "occupancy", "limited by")
     lines = [(r["arch"], r["kernel"], str(r["threads"]), str(r["registers"]), str(r["shared"]),
