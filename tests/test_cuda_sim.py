@@ -13,10 +13,12 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import cuda_sim_cases
 import cuda_sim_variants
 import pytest
+from conftest import run_python
 
 CASE_NAMES = [c["name"] for c in cuda_sim_cases.CASES]
 VARIANT_NAMES = [c["name"] for c in cuda_sim_variants.CASES]
@@ -53,6 +55,45 @@ def test_simulated_kernel_matches_reference(results, name):
         pytest.fail(f"case {name} reported nothing; the simulator's stderr ends with:\n" + "\n".join(results["_stderr"]))
     record = results[name]
     assert record["ok"], f"{name}: {record['problem']} (max error {record.get('max_error')}, bound {record.get('bound')})"
+
+
+# A tiny kernel that sums a shared array every thread wrote one element of. np.empty made slow forces
+# a thread switch where numba-cuda's simulator looks up a shared array and stores a new one: without
+# fastattn's lock around that (launcher.py), each thread keeps an array of its own and sums 1.
+SHARED_ARRAY_RACE = textwrap.dedent("""
+    import time
+    import numpy as np
+    from numba import cuda, float32
+    import fastattn
+
+    x = cuda.to_device(np.ones((1, 4, 16), np.float32))
+    fastattn.attention(x, x, x)  # the first launch makes the simulator's shared arrays thread-safe
+
+    @cuda.jit
+    def total(out):
+        tile = cuda.shared.array(32, float32)
+        tile[cuda.threadIdx.x] = 1
+        cuda.syncthreads()
+        s = float32(0)
+        for i in range(32):
+            s += tile[i]
+        out[cuda.threadIdx.x] = s
+
+    empty = np.empty
+    def slow_empty(*args, **kwargs):
+        time.sleep(0.01)
+        return empty(*args, **kwargs)
+    np.empty = slow_empty
+    out = np.zeros(32, np.float32)
+    total[1, 32](out)
+    print(sorted(set(out.tolist())))
+""")
+
+
+@needs_numba_cuda
+def test_simulated_threads_share_shared_arrays():
+    result = run_python(SHARED_ARRAY_RACE, env_update={"NUMBA_ENABLE_CUDASIM": "1"})
+    assert result.stdout.strip().splitlines()[-1] == "[32.0]", result.stdout[-2000:]
 
 
 def test_fastattn_imports_no_numba_and_knows_device_arrays():
