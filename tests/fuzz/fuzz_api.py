@@ -17,7 +17,10 @@ finding: libFuzzer stops and saves the input as crash-*, which reproduces it whe
 `python tests/fuzz/fuzz_api.py crash-...`.
 
     python tests/fuzz/fuzz_api.py CORPUS_DIR -runs=100000 -seed=1 -timeout=20 -len_control=0 -max_len=2048
-    python tests/fuzz/fuzz_api.py --replay CORPUS_DIR       # each saved input once, no fuzzing
+    python tests/fuzz/fuzz_api.py --replay CORPUS_DIR...    # each saved input once, no fuzzing
+
+tests/fuzz/seeds/ keeps past findings (named for what they exercise); .ci/fuzz passes it as a second
+corpus directory, so every run starts by checking them.
 
 .ci/fuzz runs the first (about 2 minutes), .ci/sanitize the second on the sanitizer build.
 """
@@ -400,19 +403,20 @@ def one_input(data):
         pass
 
 
-def replay(directory):
-    """Runs every input saved in `directory` once, without libFuzzer: .ci/sanitize so replays the
-    corpus that .ci/fuzz grew on the extension built with AddressSanitizer, whose runtime takes
-    the coverage hooks libFuzzer needs (it cannot fuzz there, only run)."""
-    paths = sorted(Path(directory).iterdir())
-    for path in paths:
-        one_input(path.read_bytes())
-    print(f"replayed {len(paths)} inputs from {directory}")
+def replay(directories):
+    """Runs every input saved in `directories` once, without libFuzzer: .ci/sanitize so replays the
+    corpus that .ci/fuzz grew, and the seeds, on the extension built with AddressSanitizer, whose
+    runtime takes the coverage hooks libFuzzer needs (it cannot fuzz there, only run)."""
+    for directory in directories:
+        paths = sorted(Path(directory).iterdir())
+        for path in paths:
+            one_input(path.read_bytes())
+        print(f"replayed {len(paths)} inputs from {directory}")
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--replay"]:
-        replay(sys.argv[2])
+        replay(sys.argv[2:])
     else:
         atheris.Setup(sys.argv, one_input)
         atheris.Fuzz()
