@@ -53,7 +53,7 @@ def check(out, q, k, v, mask=None, **keywords):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("seqlen_q, seqlen_k, head_dim, head_dim_v",
                          [(1, 1, 1, 1), (7, 63, 17, 5), (65, 197, 80, 33), (48, 1000, 72, 64), (197, 65, 128, 128),
-                          (1, 1100, 128, 128), (2, 700, 40, 24)])
+                          (1, 1100, 128, 128), (2, 700, 40, 24), (49, 129, 64, 64), (130, 128, 32, 48)])
 def test_accuracy(rng, seqlen_q, seqlen_k, head_dim, head_dim_v, causal, dtype):
     q = random_half(rng, (2, 4, seqlen_q, head_dim), dtype)
     k = random_half(rng, (2, 2, seqlen_k, head_dim), dtype)

@@ -28,7 +28,7 @@ template <class V>
 struct Tile {
   static constexpr int kVectors = 3;                           // SIMD vectors of queries per tile
   static constexpr int kBlockM = kVectors * V::size;           // queries per tile
-  static constexpr int kBlockN = 64;                           // keys per online-softmax step
+  static constexpr int kBlockN = 64;                           // keys per online-softmax step (FmaBlocks)
   static constexpr int kSteps = V::kRegisters >= 32 ? 8 : 4;   // keys (or value columns) per micro-step
 };
 
@@ -61,7 +61,7 @@ struct TileLanes {
 template <class V>
 struct TileScratch : TileLanes<V> {
   using T = typename V::value_type;
-  static constexpr int64_t M = Tile<V>::kBlockM, N = Tile<V>::kBlockN;
+  static constexpr int64_t M = Tile<V>::kBlockM;
   AlignedBuffer<T> memory;
   T* k_block;  // [BLOCK_N][head_dim], a block of half-precision keys converted (see key_block)
   T* v_block;  // [BLOCK_N][head_dim_v]
@@ -73,21 +73,21 @@ struct TileScratch : TileLanes<V> {
 
   // Every piece is a multiple of BLOCK_M elements, hence of the vector width: all stay aligned.
   TileScratch(const AttentionParams& p, bool convert_kv)
-      : TileScratch(p.head_dim, p.head_dim_v, convert_kv,
+      : TileScratch(p.head_dim, p.head_dim_v, Tile<V>::kBlockN, convert_kv,
                     convert_kv && p.seqlen_k * (p.head_dim + p.head_dim_v) * int64_t{sizeof(T)} <= kHeadCacheBytes
                         ? p.seqlen_k * (p.head_dim + p.head_dim_v) : 0) {}
-  TileScratch(int64_t head_dim, int64_t head_dim_v, bool convert_kv, int64_t head_elements)
-      : memory((head_dim + N + head_dim_v + 4) * M + (convert_kv ? N * (head_dim + head_dim_v) : 0)),
+  TileScratch(int64_t head_dim, int64_t head_dim_v, int64_t block_n, bool convert_kv, int64_t head_elements)
+      : memory((head_dim + block_n + head_dim_v + 4) * M + (convert_kv ? block_n * (head_dim + head_dim_v) : 0)),
         head_memory(head_elements) {
     this->q_tile = memory.data();
     this->scores = this->q_tile + head_dim * M;
-    this->acc = this->scores + N * M;
+    this->acc = this->scores + block_n * M;
     this->row_max = this->acc + head_dim_v * M;
     this->row_sum = this->row_max + M;
     this->alpha = this->row_sum + M;
     this->lane_index = this->alpha + M;
     k_block = this->lane_index + M;
-    v_block = k_block + N * head_dim;
+    v_block = k_block + block_n * head_dim;
     if (ok())
       for (int i = 0; i < M; ++i) this->lane_index[i] = static_cast<T>(i);
   }
@@ -415,6 +415,7 @@ void accumulate_block(const MatrixView<const typename V::value_type>& v, int64_t
 // The tile's matrix products, as a policy: these multiply in the compute type with FMAs, K and V
 // read in place (or converted, for half precision); tile_amx.h has AMX ones for bfloat16. A policy
 // provides:
+//   kBlockN                                      keys per online-softmax step
 //   Scratch(p)                                   per-thread memory, a TileScratch
 //   Thread                                       per-thread state, held while the thread works
 //   Keys prepare(p, h, key_begin, keys, s)       what score and accumulate read of a block
@@ -424,6 +425,7 @@ void accumulate_block(const MatrixView<const typename V::value_type>& v, int64_t
 template <class V, class S>
 struct FmaBlocks {
   using T = typename V::value_type;
+  static constexpr int kBlockN = Tile<V>::kBlockN;
   struct Scratch : TileScratch<V> {
     explicit Scratch(const AttentionParams& p) : TileScratch<V>(p, /*convert_kv=*/!std::is_same_v<S, T>) {}
   };
@@ -483,7 +485,7 @@ void attend_block_from(int first, const AttentionParams& p, const HeadViews<S>& 
 template <class V, class MaskT, int R, class Blocks, class S>
 void attend_tile(const AttentionParams& p, const HeadViews<S>& h, int64_t row_begin, typename Blocks::Scratch& s) {
   using T = typename V::value_type;
-  constexpr int W = V::size, M = Tile<V>::kBlockM, N = Tile<V>::kBlockN;
+  constexpr int W = V::size, M = Tile<V>::kBlockM, N = Blocks::kBlockN;
   const int64_t rows = std::min<int64_t>(R * W, p.seqlen_q - row_begin);
 
   Blocks::template pack_queries<R>(p, h, row_begin, rows, s);
