@@ -35,7 +35,7 @@ struct AmxBlocks {
   static_assert(std::is_same_v<typename V::value_type, float> && V::size == 16, "AVX-512 float32 lanes");
   using T = float;
   // 128 keys per block, not the FMA kernel's 64: the accumulators' tiles are loaded and stored once
-  // per block and value column, so longer blocks halve that traffic; 7-25% faster at 1,8,512,64 and
+  // per block and value column, so longer blocks halve that traffic; 8-26% faster at 1,8,512,64 and
   // 1,16,1024,128 (alternating processes), the same within noise at 1,8,2048,64.
   static constexpr int kBlockN = 128;
   static constexpr int M = Tile<V>::kBlockM, N = kBlockN;
