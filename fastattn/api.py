@@ -84,7 +84,8 @@ def cpu_info():
 
 
 def set_isa(name):
-    """Use the CPU kernel built for `name` ("scalar", "avx2", "avx512" or "amx"; see cpu_info()).
+    """Use the CPU kernel built for `name` ("scalar", "avx2", "avx512", "avx512bf16" or "amx"; see
+    cpu_info()).
 
     The best supported one is chosen at import; FASTATTN_ISA=<name> chooses another. Meant for
     testing and comparison: the choice applies to the whole process.
@@ -394,9 +395,9 @@ def attention(q, k, v, mask=None, *, causal=False, scale=None, align="top_left",
 
     q (..., Hq, L, E), k (..., Hk, S, E), v (..., Hk, S, Ev); one dtype, float32, float64, float16
     or bfloat16 (ml_dtypes.bfloat16), any strides. Half precision is computed in float32 (scores,
-    softmax, accumulation) and the result rounded to the input dtype; on the "amx" ISA bfloat16
-    probabilities are rounded to bfloat16 before they multiply v (README, "Data types"). Batch dims
-    broadcast. Query head h uses key/value head h // (Hq // Hk) (grouped-query attention).
+    softmax, accumulation) and the result rounded to the input dtype; on the "avx512bf16" and "amx"
+    ISAs bfloat16 probabilities are rounded to bfloat16 before they multiply v (README, "Data types").
+    Batch dims broadcast. Query head h uses key/value head h // (Hq // Hk) (grouped-query attention).
     mask: bool (True = may attend) or any float dtype (added to the scaled scores), broadcastable to
     (..., Hq, L, S). scale defaults to 1 / sqrt(E); a given one is finite in float32 (|scale| <=
     3.4e38). A row with no visible key gives zeros.

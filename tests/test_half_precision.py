@@ -14,7 +14,7 @@ import pytest
 import fastattn
 from fastattn import reference
 
-from conftest import bool_mask, float_mask
+from conftest import BF16_PRODUCT_ISAS, bool_mask, float_mask
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -79,11 +79,33 @@ def test_masks(rng, seqlen_q, mask_dtype, dtype):
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 def test_heads_past_the_head_cache(rng, dtype):
-    """K and V heads over 8 MB once converted (float32) or packed (AMX) are prepared block by block."""
+    """K and V heads over 8 MB once converted (float32) or packed (avx512bf16, amx) are prepared block
+    by block."""
     q = random_half(rng, (40, 128), dtype)
     k, v = random_half(rng, (17000, 128), dtype), random_half(rng, (17000, 128), dtype)
     for keywords in (dict(), dict(causal=True, align="bottom_right", window=(9000, None))):
         assert_within_half_rounding(fastattn.attention(q, k, v, **keywords), reference.attention(q, k, v, **keywords))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_keys_outside_every_window_are_never_read(rng, threads, dtype):
+    """Rows 0-19 see keys i + 275 .. i + 281: the keys before 275 are read by no row, so infinite values
+    there change nothing. The visible range starts at an odd key and ends at an odd count, so a
+    kernel that multiplies pairs of keys (avx512bf16) holds the keys beside its blocks' ends in the
+    same words as theirs, and must not let inf times a zero probability in."""
+    q = random_half(rng, (2, 20, 32), dtype)
+    k, v = random_half(rng, (2, 301, 32), dtype), random_half(rng, (2, 301, 24), dtype)
+    v[:, :275] = np.inf
+    before = fastattn.get_num_threads()
+    fastattn.set_num_threads(threads)
+    try:
+        out = fastattn.attention(q, k, v, causal=True, align="bottom_right", window=(6, None))
+    finally:
+        fastattn.set_num_threads(before)
+    v_read = v.copy()
+    v_read[:, :275] = 0
+    check(out, q, k, v_read, causal=True, align="bottom_right", window=(6, None))
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -116,15 +138,16 @@ def test_variants_and_lse(rng, seqlen_q, dtype):
 def test_same_as_float32_then_rounded(rng, seqlen_q, causal, dtype, half_isa):
     """The half path converts its inputs exactly and computes as the float32 path does, so its result
     is the float32 result on the same values, rounded to nearest even (NumPy's, ml_dtypes'). Except
-    bfloat16 prefill on AMX, which multiplies the probabilities rounded to bfloat16: its result is
-    held to the reference as every half result is, its lse (float32 scores) to the float32 path's."""
+    bfloat16 prefill on avx512bf16 and amx, which multiply the probabilities rounded to bfloat16: their
+    result is held to the reference as every half result is, their lse (float32 scores) to the float32
+    path's."""
     q = random_half(rng, (2, 8, seqlen_q, 72), dtype)
     k, v = random_half(rng, (2, 2, 600, 72), dtype), random_half(rng, (2, 2, 600, 40), dtype)
     mask = float_mask(rng, (seqlen_q, 600)).astype(dtype)
     out, lse = fastattn.attention(q, k, v, mask, causal=causal, return_lse=True)
     wide = [x.astype(np.float32) for x in (q, k, v, mask)]
     out32, lse32 = fastattn.attention(*wide, causal=causal, return_lse=True)
-    if half_isa == "amx" and dtype == ml_dtypes.bfloat16 and seqlen_q > 16:
+    if half_isa in BF16_PRODUCT_ISAS and dtype == ml_dtypes.bfloat16 and seqlen_q > 16:
         assert_within_half_rounding(out, reference.attention(q, k, v, mask, causal=causal))
         np.testing.assert_allclose(lse, lse32, rtol=0, atol=1e-5 * max(1.0, np.abs(lse32).max()))
         return
@@ -137,7 +160,8 @@ def test_same_as_float32_then_rounded(rng, seqlen_q, causal, dtype, half_isa):
 def test_every_value_round_trips(seqlen_q, dtype, half_isa):
     """One key: every output row is that key's value row. All 65536 bit patterns as values pass
     through the load and store conversions unchanged (NaNs stay NaN, wherever they are), in the
-    decode (one row) and the tile kernel. AMX reads bfloat16 subnormals (below 2^-126) as zero."""
+    decode (one row) and the tile kernel. VDPBF16PS and AMX read bfloat16 subnormals (below 2^-126) as
+    zero."""
     bits = np.arange(1 << 16, dtype=np.uint16)
     v = bits.view(dtype).reshape(1, 1, -1)
     q = np.ones((1, seqlen_q, 8), dtype)
@@ -145,7 +169,7 @@ def test_every_value_round_trips(seqlen_q, dtype, half_isa):
     out = fastattn.attention(q, k, v)
     # Compared as float32 (exact for every half value): -0 comes out as +0, the sum starting at 0.
     expected = v[0, 0].astype(np.float32)
-    if half_isa == "amx" and dtype == ml_dtypes.bfloat16 and seqlen_q > 16:
+    if half_isa in BF16_PRODUCT_ISAS and dtype == ml_dtypes.bfloat16 and seqlen_q > 16:
         expected[np.abs(expected) < np.finfo(np.float32).tiny] = 0
     for row in out[0]:
         np.testing.assert_array_equal(row.astype(np.float32), expected)

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 import fastattn
 from fastattn import reference
 
-from conftest import SUPPORTED_ISAS, assert_accurate, assert_within_naive_error, attention_in
+from conftest import BF16_PRODUCT_ISAS, SUPPORTED_ISAS, assert_accurate, assert_within_naive_error, attention_in
 from test_half_precision import HALF_DTYPES, assert_within_half_rounding, unit_roundoff
 from test_variants import assert_lse_accurate
 
@@ -363,18 +363,19 @@ def test_attention_matches_reference(case, return_lse, give_out, data):
 @given(attention_cases(mask_dtypes=(None, bool, np.float32, *HALF_DTYPES), dtypes=HALF_DTYPES))
 def test_half_precision_matches_reference(case):
     """float16 and bfloat16 with every keyword, masks of half dtypes too, on every ISA: within
-    test_half_precision's 4 units of the output dtype's rounding of the reference, plus on amx what
-    rounding the probabilities to bfloat16 may add."""
+    test_half_precision's 4 units of the output dtype's rounding of the reference, plus on avx512bf16
+    and amx what rounding the probabilities to bfloat16 may add."""
     result = attend(case)
     assert result.dtype == case.q.dtype
     assert result.shape == result_shape(case.q, case.k, case.v)
     q, k, v, kwargs = for_reference(case.q, case.k, case.v, case.kwargs)
     result, _ = as_compared(result, None)
     slack = 0
-    if case.isa == "amx" and case.q.dtype.name == "bfloat16" and kernel_path(case.q, case.k, case.v) == "tile":
-        # AMX multiplies V by the probabilities rounded to bfloat16, each p_j off by up to u p_j: up to
-        # u * sum_j p_j |v_j| / sum_j p_j more, the reference on |v|. Where a row's values cancel, that
-        # is many units of the output itself (README: 117 at Ev = 1).
+    tile = kernel_path(case.q, case.k, case.v) == "tile"
+    if case.isa in BF16_PRODUCT_ISAS and case.q.dtype.name == "bfloat16" and tile:
+        # VDPBF16PS and AMX multiply V by the probabilities rounded to bfloat16, each p_j off by up to
+        # u p_j: up to u * sum_j p_j |v_j| / sum_j p_j more, the reference on |v|. Where a row's
+        # values cancel, that is many units of the output itself (README: 117 at Ev = 1).
         slack = unit_roundoff(result.dtype) * reference.attention(q, k, np.abs(v), case.mask, **kwargs)
     assert_within_half_rounding(result, reference.attention(q, k, v, case.mask, **kwargs), slack=slack)
 

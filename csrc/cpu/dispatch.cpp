@@ -33,10 +33,11 @@ bool cpu_has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
+bool cpu_has_avx512bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 // AMX: the CPU has AMX-TILE and AMX-BF16 (CPUID 7.0 EDX bits 24, 22), the OS saves the tile state
 // (XCR0 bits 17, 18), and Linux grants this process the tile data state, which it must ask for once.
 bool cpu_has_amx() {
-  if (!cpu_has_avx512() || !__builtin_cpu_supports("avx512bf16")) return false;
+  if (!cpu_has_avx512bf16()) return false;
   unsigned eax, ebx, ecx, edx;
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24)) || !(edx & (1u << 22))) return false;
   unsigned xcr0_low, xcr0_high;
@@ -54,6 +55,7 @@ constexpr Isa kIsas[] = {
     {"scalar", generic::attention_forward, always},
     {"avx2", avx2::attention_forward, cpu_has_avx2},
     {"avx512", avx512::attention_forward, cpu_has_avx512},
+    {"avx512bf16", avx512bf16::attention_forward, cpu_has_avx512bf16},
     {"amx", amx::attention_forward, cpu_has_amx},
 };
 #else

@@ -18,12 +18,15 @@ void attention_forward(const AttentionParams& p);
 namespace avx512 {
 void attention_forward(const AttentionParams& p);
 }
+namespace avx512bf16 {
+void attention_forward(const AttentionParams& p);
+}
 namespace amx {
 void attention_forward(const AttentionParams& p);
 }
 
-// Kernel variants, best last. "scalar" is the portable build (baseline SIMD only); "amx" differs
-// from "avx512" only for bfloat16.
+// Kernel variants, best last. "scalar" is the portable build (baseline SIMD only); "avx512bf16" and
+// "amx" differ from "avx512" only for bfloat16.
 std::vector<std::string> supported_isas();  // those this CPU and this build can run
 std::string current_isa();
 // (name, present) for the x86 features the kernels care about; empty elsewhere.

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cpu/bf16_pairs.h"
 #include "cpu/tile_kernel.h"
 
 namespace fastattn::FASTATTN_CPU_ISA {
@@ -89,14 +90,6 @@ struct AmxBlocks {
     Thread& operator=(const Thread&) = delete;
   };
 
-  // Lane i of words [2i] | [2i + 1] << 16 for the pairs (lo[i], hi[i]) of 16 bfloat16 each.
-  static __m512i interleave(__m256i lo, __m256i hi) {
-    const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                                           21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    return _mm512_permutexvar_epi16(order, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
-  }
-  static V as_vector(__m512i words) { return {_mm512_castsi512_ps(words)}; }  // shuffles move the bits unchanged
-
   // vt[e][first + j] = v[first + j][e] for rows with unit column stride: 32 keys by 16 features at a
   // time, the key pairs interleaved into words, then a 16 x 16 transpose of the words.
   static void transpose_values(const MatrixView<const bfloat16>& v, int64_t first, int64_t count, int64_t dim_v,
@@ -110,7 +103,7 @@ struct AmxBlocks {
           const __m256i even = j < count ? _mm256_maskz_loadu_epi16(features, &v(first + j, e0)) : _mm256_setzero_si256();
           const __m256i odd = j + 1 < count ? _mm256_maskz_loadu_epi16(features, &v(first + j + 1, e0))
                                             : _mm256_setzero_si256();
-          block[i] = as_vector(interleave(even, odd));
+          block[i] = as_vector<V>(interleave_pairs(even, odd));
         }
         V::transpose(block);
         for (int e = 0; e < 16 && e0 + e < dim_v; ++e) block[e].store(reinterpret_cast<float*>(vt + (e0 + e) * vt_row + j0));
@@ -160,32 +153,10 @@ struct AmxBlocks {
     return {s.packed.data(), s.vt(), vt_row, 0};
   }
 
-  // q_pairs[i][r] = features 2i and 2i + 1 of query row_begin + r (zero past the rows and features).
-  // Not scaled: the scale multiplies the float32 scores, as in the float32 kernel.
   template <int R>
   static void pack_queries(const AttentionParams& p, const HeadViews<bfloat16>& h, int64_t row_begin, int64_t rows,
                            Scratch& s) {
-    if (h.q.col != 1) {
-      std::fill(s.q_pairs, s.q_pairs + s.dim / 2 * M, uint32_t{0});
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t d = 0; d < p.head_dim; ++d)
-          s.q_pairs[d / 2 * M + r] |= uint32_t{h.q(row_begin + r, d).bits} << (d % 2 * 16);
-      return;
-    }
-    // With unit column stride a row's feature pairs are its 32-bit words: 16 rows by 16 words at a
-    // time, transposed.
-    for (int r0 = 0; r0 < R * 16; r0 += 16)
-      for (int64_t d0 = 0; d0 < s.dim; d0 += 32) {
-        const int64_t features = std::clamp<int64_t>(p.head_dim - d0, 0, 32);
-        const auto mask = static_cast<__mmask32>(features == 32 ? ~0u : (1u << features) - 1);
-        V block[16];
-        for (int i = 0; i < 16; ++i)
-          block[i] = r0 + i < rows && features > 0
-                         ? as_vector(_mm512_maskz_loadu_epi16(mask, &h.q(row_begin + r0 + i, d0)))
-                         : V::zero();
-        V::transpose(block);
-        for (int i = 0; i < 16; ++i) block[i].store(reinterpret_cast<float*>(s.q_pairs + (d0 / 2 + i) * M + r0));
-      }
+    pack_query_pairs<V, R>(h.q, row_begin, rows, p.head_dim, s.dim, s.q_pairs);
   }
 
   // Bytes between the rows of a tile over the query lanes (q_pairs, p_pairs, scores, acc).
@@ -242,18 +213,9 @@ struct AmxBlocks {
         for (int r = 0; r < R; ++r)
           (V::load(s.acc + e * M + r * 16) * V::load(s.alpha + r * 16)).store(s.acc + e * M + r * 16);
 
-    // p_pairs[t][r] = probabilities of keys 2t and 2t + 1 for query r, rounded to bfloat16; zero
-    // past the block's keys up to the 32 a product reads.
+    // Zero past the block's keys up to the 32 a product reads.
     const int chunks = (keys + 31) / 32;
-    for (int t = 0; t < chunks * 16; ++t)
-      for (int r = 0; r < R; ++r) {
-        const int j = 2 * t;
-        const __m512 even = j < keys ? _mm512_load_ps(s.scores + j * M + r * 16) : _mm512_setzero_ps();
-        const __m512 odd = j + 1 < keys ? _mm512_load_ps(s.scores + (j + 1) * M + r * 16) : _mm512_setzero_ps();
-        const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(odd, even);  // even in the low half, odd in the high
-        const __m512i words = interleave(_mm512_castsi512_si256(both), _mm512_extracti64x4_epi64(both, 1));
-        _mm512_store_si512(s.p_pairs + t * M + r * 16, words);
-      }
+    pack_probability_pairs<V, R>(s, keys, /*lead=*/0, chunks * 16);
 
     const uint16_t* const vt = kv.vt + (key_begin - kv.first);
     for (int64_t e0 = 0; e0 < dim_v; e0 += 16) {

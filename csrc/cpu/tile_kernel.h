@@ -46,7 +46,7 @@ struct TileLanes {
   T* row_sum;  // [BLOCK_M], l_i
   T* alpha;    // [BLOCK_M], exp(m_old - m_new) of the last block
   T* lane_index;  // [BLOCK_M], 0, 1, 2, ...
-  // Only for the AMX micro-kernels (tile_amx.h), else null: pairs of bfloat16 in 32-bit lanes.
+  // Only for the bfloat16 pair products (bf16_pairs.h), else null: pairs of bfloat16 in 32-bit lanes.
   uint32_t* q_pairs = nullptr;  // [head_dim / 2 padded][BLOCK_M], queries' features 2i, 2i + 1
   uint32_t* p_pairs = nullptr;  // [BLOCK_N / 2][BLOCK_M], probabilities of keys 2j, 2j + 1
 
@@ -413,8 +413,8 @@ void accumulate_block(const MatrixView<const typename V::value_type>& v, int64_t
 }
 
 // The tile's matrix products, as a policy: these multiply in the compute type with FMAs, K and V
-// read in place (or converted, for half precision); tile_amx.h has AMX ones for bfloat16. A policy
-// provides:
+// read in place (or converted, for half precision); tile_dpbf16.h and tile_amx.h have bfloat16 ones
+// (VDPBF16PS, AMX). A policy provides:
 //   kBlockN                                      keys per online-softmax step
 //   Scratch(p)                                   per-thread memory, a TileScratch
 //   Thread                                       per-thread state, held while the thread works
