@@ -3,7 +3,11 @@ arithmetic and a multi-threaded streaming read for memory. Comparing with these 
 datasheet figures cancels what the run shares with them: clock speed, heat, other load."""
 
 import ctypes
+import json
+import os
 import statistics
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -15,6 +19,13 @@ GEMM_FLOPS = 2 * GEMM_SIZE**3
 
 # Far larger than the 32 MiB L3 here, so every pass reads DRAM.
 READ_BYTES = 256 * 2**20
+
+# Either one makes current NumPy's OpenBLAS run a slower GEMM: a kernel or blocking meant for
+# another CPU (on this project's Zen 5 machine OPENBLAS_CORETYPE=Haswell gives sgemm 2048^3 about
+# 200 GFLOP/s, against 400 with the SkylakeX kernel OpenBLAS picks itself). The ceiling is the
+# fastest GEMM NumPy does here, so it runs in a worker process started without them; the
+# implementations being compared keep the environment they were given.
+SLOWING_OPENBLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
 def gemm_name(dtype):
@@ -45,23 +56,63 @@ def read_pool(threads):
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="streaming-read")
 
 
+class GemmWorker:
+    """A child process that times the GEMM on request, its OpenBLAS having chosen its kernel
+    without SLOWING_OPENBLAS_VARIABLES. `info` is that choice (openblas_info), None for another BLAS."""
+
+    def __init__(self, dtype, threads):
+        env = {name: value for name, value in os.environ.items() if name not in SLOWING_OPENBLAS_VARIABLES}
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--gemm-worker", np.dtype(dtype).name, str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.info = json.loads(self._answer())
+
+    def sample(self):
+        """Seconds per GEMM, one sample (harness.take_sample) in the worker."""
+        self.process.stdin.write("sample\n")
+        self.process.stdin.flush()
+        return float(self._answer())
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+
+    def _answer(self):
+        """The worker's next answer; other output (an editable install's rebuild log) is skipped."""
+        for line in self.process.stdout:
+            if line.startswith(ANSWER):
+                return line[len(ANSWER):]
+        raise RuntimeError(f"the GEMM worker stopped (exit status {self.process.wait()})")
+
+
+ANSWER = "gemm-worker: "
+
+
+def serve_gemm_samples(dtype, threads):
+    """The worker's side: its OpenBLAS info, then one sample per line read."""
+    set_blas_threads(threads)
+    run = gemm_runner(dtype)
+    calls = harness.calls_per_sample(run)
+    print(ANSWER + json.dumps(openblas_info()), flush=True)
+    for _ in sys.stdin:
+        print(ANSWER + str(harness.take_sample(run, calls)), flush=True)
+
+
 class Ceilings:
     """Samples of the machine's GEMM and streaming-read speed, one of each before the first case
     and after every case, so they see the same drift as the attention timings."""
 
-    def __init__(self, dtype, threads, pool):
+    def __init__(self, dtype, threads, pool, gemm_worker):
         self.gemm = gemm_name(dtype)
         self.threads = threads
-        self.runners = {
-            self.gemm: gemm_runner(dtype),
-            "read": streaming_read_runner(pool, threads),
-        }
-        self.calls = {name: harness.calls_per_sample(run) for name, run in self.runners.items()}
-        self.samples = {name: [] for name in self.runners}
+        self.gemm_worker = gemm_worker
+        self.read = streaming_read_runner(pool, threads)
+        self.read_calls = harness.calls_per_sample(self.read)
+        self.samples = {self.gemm: [], "read": []}
 
     def sample(self):
-        for name, run in self.runners.items():
-            self.samples[name].append(harness.take_sample(run, self.calls[name]))
+        self.samples[self.gemm].append(self.gemm_worker.sample())
+        self.samples["read"].append(harness.take_sample(self.read, self.read_calls))
 
     def latest(self):
         return f"{self.gemm} {self.gemm_gflops(-1):.0f} GFLOP/s, read {self.read_gbps(-1):.1f} GB/s"
@@ -81,7 +132,7 @@ class Ceilings:
         samples_ms = {name: [1e3 * s for s in samples] for name, samples in self.samples.items()}
         return {
             "gemm": {"name": self.gemm, "size": GEMM_SIZE, "gflops": self.gemm_gflops(),
-                     "samples_ms": samples_ms[self.gemm]},
+                     "samples_ms": samples_ms[self.gemm], "openblas": self.gemm_worker.info},
             "read": {"name": "streaming read", "bytes": READ_BYTES, "threads": self.threads,
                      "gbps": self.read_gbps(), "samples_ms": samples_ms["read"]},
         }
@@ -131,3 +182,7 @@ def openblas_info():
             value = function()
             info[name.removeprefix("get_")] = value.decode() if isinstance(value, bytes) else value
     return info
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--gemm-worker"]:
+    serve_gemm_samples(np.dtype(sys.argv[2]), int(sys.argv[3]))
