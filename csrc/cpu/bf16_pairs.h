@@ -35,7 +35,8 @@ void pack_query_pairs(const MatrixView<const bfloat16>& q, int64_t row_begin, in
   if (q.col != 1) {
     std::fill(q_pairs, q_pairs + dim / 2 * M, uint32_t{0});
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t d = 0; d < head_dim; ++d) q_pairs[d / 2 * M + r] |= uint32_t{q(row_begin + r, d).bits} << (d % 2 * 16);
+      for (int64_t d = 0; d < head_dim; ++d)
+        q_pairs[d / 2 * M + r] |= uint32_t{q(row_begin + r, d).bits} << (d % 2 * 16);
     return;
   }
   // With unit column stride a row's feature pairs are its 32-bit words: 16 rows by 16 words at a
@@ -46,8 +47,9 @@ void pack_query_pairs(const MatrixView<const bfloat16>& q, int64_t row_begin, in
       const auto mask = static_cast<__mmask32>(features == 32 ? ~0u : (1u << features) - 1);
       V block[16];
       for (int i = 0; i < 16; ++i)
-        block[i] = r0 + i < rows && features > 0 ? as_vector<V>(_mm512_maskz_loadu_epi16(mask, &q(row_begin + r0 + i, d0)))
-                                                 : V::zero();
+        block[i] = r0 + i < rows && features > 0
+                       ? as_vector<V>(_mm512_maskz_loadu_epi16(mask, &q(row_begin + r0 + i, d0)))
+                       : V::zero();
       V::transpose(block);
       for (int i = 0; i < 16; ++i) block[i].store(reinterpret_cast<float*>(q_pairs + (d0 / 2 + i) * M + r0));
     }
@@ -61,8 +63,9 @@ void pack_probability_pairs(const TileLanes<V>& s, int keys, int lead, int pair_
   for (int t = 0; t < pair_count; ++t)
     for (int r = 0; r < R; ++r) {
       const int even = 2 * t - lead, odd = even + 1;
-      const __m512 p_even = even >= 0 && even < keys ? _mm512_load_ps(s.scores + even * M + r * 16) : _mm512_setzero_ps();
-      const __m512 p_odd = odd < keys ? _mm512_load_ps(s.scores + odd * M + r * 16) : _mm512_setzero_ps();
+      const float* const scores = s.scores + r * 16;
+      const __m512 p_even = even >= 0 && even < keys ? _mm512_load_ps(scores + even * M) : _mm512_setzero_ps();
+      const __m512 p_odd = odd < keys ? _mm512_load_ps(scores + odd * M) : _mm512_setzero_ps();
       const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p_odd, p_even);  // even in the low half, odd in the high
       const __m512i words = interleave_pairs(_mm512_castsi512_si256(both), _mm512_extracti64x4_epi64(both, 1));
       _mm512_store_si512(s.p_pairs + t * M + r * 16, words);

@@ -46,22 +46,26 @@ struct DotBf16Blocks {
     const int64_t k_row, v_row;
     const int64_t capacity;  // keys `packed` holds: the whole head if it fits, else one block
     AlignedBuffer<uint32_t> pairs;   // q_pairs, then p_pairs
-    AlignedBuffer<uint32_t> packed;  // k pairs, then v pairs; the head, if whole: TileScratch's head_k, head_v, head_keys
+    // K pairs, then V pairs; which head it holds whole, if any: TileScratch's head_k, head_v, head_keys
+    AlignedBuffer<uint32_t> packed;
 
     explicit Scratch(const AttentionParams& p)
         : TileScratch<V>(p.head_dim, p.head_dim_v, N, /*convert_kv=*/false, /*head_elements=*/0),
           k_row(feature_pairs(p)),
           v_row(p.head_dim_v),
-          capacity(int64_t{sizeof(uint32_t)} * (p.seqlen_k + 1) * (k_row + v_row) <= TileScratch<V>::kHeadCacheBytes
+          capacity(int64_t{sizeof(uint32_t)} * packed_words(p.seqlen_k) <= TileScratch<V>::kHeadCacheBytes
                        ? p.seqlen_k
                        : N),
           // pack_query_pairs writes 16 pairs at a time; a block of N keys starting at a pair's
           // second key spans N / 2 + 1 pairs.
           pairs(((k_row + 15) / 16 * 16 + N / 2 + 1) * M),
-          packed((capacity + 1) * k_row + (capacity / 2 + 1) * v_row) {
+          packed(packed_words(capacity)) {
       this->q_pairs = pairs.data();
       this->p_pairs = pairs.data() + (k_row + 15) / 16 * 16 * M;
     }
+    // K pairs for `keys` keys, then V pairs for their keys two by two (one more row each: a block
+    // may end inside a pair).
+    int64_t packed_words(int64_t keys) const { return (keys + 1) * k_row + (keys / 2 + 1) * v_row; }
     bool ok() const { return TileScratch<V>::ok() && pairs.data() != nullptr && packed.data() != nullptr; }
     uint32_t* v_pairs() const { return packed.data() + (capacity + 1) * k_row; }
   };
