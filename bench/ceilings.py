@@ -65,7 +65,11 @@ class GemmWorker:
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--gemm-worker", np.dtype(dtype).name, str(threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        self.info = json.loads(self._answer())
+        try:
+            self.info = json.loads(self._answer())
+        except BaseException:
+            self.close()
+            raise
 
     def sample(self):
         """Seconds per GEMM, one sample (harness.take_sample) in the worker."""
@@ -74,8 +78,16 @@ class GemmWorker:
         return float(self._answer())
 
     def close(self):
-        self.process.stdin.close()
-        self.process.wait()
+        """Ends the worker: it stops at the end of its input, or is killed if it does not."""
+        try:
+            self.process.stdin.close()
+        except OSError:  # the worker is gone already
+            pass
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
     def _answer(self):
         """The worker's next answer; other output (an editable install's rebuild log) is skipped."""

@@ -255,7 +255,8 @@ def measure(cases, args):
         gemm_dtype = "float32" if args.dtype in harness.HALF_DTYPES else args.dtype
         gemm_worker = ceilings.GemmWorker(gemm_dtype, args.threads)
         try:
-            log(f"  {ceilings.gemm_name(gemm_dtype)} by OpenBLAS's {(gemm_worker.info or {}).get('corename')} kernel")
+            kernel = (gemm_worker.info or {}).get("corename")
+            log(f"  {ceilings.gemm_name(gemm_dtype)} by " + (f"OpenBLAS's {kernel} kernel" if kernel else "NumPy's BLAS"))
             machine = ceilings.Ceilings(gemm_dtype, args.threads, pool, gemm_worker)
             machine.sample()
             log(f"  {machine.latest()}")

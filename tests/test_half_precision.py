@@ -87,25 +87,38 @@ def test_heads_past_the_head_cache(rng, dtype):
         assert_within_half_rounding(fastattn.attention(q, k, v, **keywords), reference.attention(q, k, v, **keywords))
 
 
+# (query rows, keys, keywords, the keys no row sees). Before: rows 0-19 see keys i + 275 .. i + 281,
+# a range that starts at an odd key. After: rows 0-20 see keys 0 .. i, a range that ends at an odd
+# count, with key 21 and on still there.
+UNSEEN_KEYS = {
+    "before": (20, 301, dict(causal=True, align="bottom_right", window=(6, None)), slice(None, 275)),
+    "after": (21, 40, dict(causal=True), slice(21, None)),
+}
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_keys_outside_every_window_are_never_read(rng, threads, dtype):
-    """Rows 0-19 see keys i + 275 .. i + 281: the keys before 275 are read by no row, so infinite values
-    there change nothing. The visible range starts at an odd key and ends at an odd count, so a
-    kernel that multiplies pairs of keys (avx512bf16) holds the keys beside its blocks' ends in the
-    same words as theirs, and must not let inf times a zero probability in."""
-    q = random_half(rng, (2, 20, 32), dtype)
-    k, v = random_half(rng, (2, 301, 32), dtype), random_half(rng, (2, 301, 24), dtype)
-    v[:, :275] = np.inf
+@pytest.mark.parametrize("where", UNSEEN_KEYS)
+def test_keys_no_row_sees_do_not_reach_the_output(rng, where, threads, dtype, half_isa, request):
+    """Infinite values at keys that no row sees change nothing. A kernel that multiplies pairs of keys
+    (avx512bf16) holds the keys beside a block's first and last key in the same words as theirs, and
+    must not let inf times a zero probability in."""
+    if half_isa == "amx" and where == "after" and dtype == ml_dtypes.bfloat16:
+        request.applymarker(pytest.mark.xfail(reason="not checked on AMX: its products read up to 31 keys past a "
+                                                     "block's end (tile_amx.h), times zero probabilities"))
+    seqlen_q, seqlen_k, keywords, unseen = UNSEEN_KEYS[where]
+    q = random_half(rng, (2, seqlen_q, 32), dtype)
+    k, v = random_half(rng, (2, seqlen_k, 32), dtype), random_half(rng, (2, seqlen_k, 24), dtype)
+    v[:, unseen] = np.inf
     before = fastattn.get_num_threads()
     fastattn.set_num_threads(threads)
     try:
-        out = fastattn.attention(q, k, v, causal=True, align="bottom_right", window=(6, None))
+        out = fastattn.attention(q, k, v, **keywords)
     finally:
         fastattn.set_num_threads(before)
-    v_read = v.copy()
-    v_read[:, :275] = 0
-    check(out, q, k, v_read, causal=True, align="bottom_right", window=(6, None))
+    v_seen = v.copy()
+    v_seen[:, unseen] = 0
+    check(out, q, k, v_seen, **keywords)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)

@@ -1,6 +1,7 @@
 // AVX-512 with AMX-BF16 (Sapphire Rapids and later): bfloat16 prefill multiplies on the AMX tiles
-// (tile_amx.h); bfloat16 decode, which waits on memory rather than arithmetic, and every other dtype
-// run the AVX-512 kernel. Compiled with this file's own ISA flags (see CMakeLists.txt).
+// (tile_amx.h); bfloat16 decode, which waits on memory rather than arithmetic, keeps the float32
+// products (the same decode kernel, compiled here too), and every other dtype runs the AVX-512 build.
+// Compiled with this file's own ISA flags (see CMakeLists.txt).
 #define FASTATTN_CPU_ISA amx
 #include "cpu/vec_avx512.h"
 #include "cpu/attention_kernel.h"

@@ -1,7 +1,7 @@
 // AVX-512 with AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake and later): bfloat16 prefill
 // multiplies with VDPBF16PS (tile_dpbf16.h); bfloat16 decode, which waits on memory rather than
-// arithmetic, and every other dtype run the AVX-512 kernel. Compiled with this file's own ISA flags
-// (see CMakeLists.txt).
+// arithmetic, keeps the float32 products (the same decode kernel, compiled here too), and every
+// other dtype runs the AVX-512 build. Compiled with this file's own ISA flags (see CMakeLists.txt).
 #define FASTATTN_CPU_ISA avx512bf16
 #include "cpu/vec_avx512.h"
 #include "cpu/attention_kernel.h"

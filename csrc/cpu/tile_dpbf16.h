@@ -7,8 +7,8 @@
 // Everything else (softmax, masks, windows, output) is tile_kernel.h's float32 AVX-512 code. K and V
 // are copied as bfloat16 (exact) into pair rows, once per head and thread when the head fits
 // kHeadCacheBytes, else block by block. Products are exact in float32 and summed in float32; only
-// the probabilities are rounded to bfloat16 (as every bfloat16 kernel does), and bfloat16
-// subnormals read as zero.
+// the probabilities are rounded to bfloat16 (as torch's and FlashAttention's bfloat16 kernels do),
+// and subnormals (bfloat16 inputs, float32 products and sums below 2^-126) flush to zero.
 #pragma once
 
 #include <immintrin.h>
@@ -63,11 +63,11 @@ struct DotBf16Blocks {
       this->q_pairs = pairs.data();
       this->p_pairs = pairs.data() + (k_row + 15) / 16 * 16 * M;
     }
-    // K pairs for `keys` keys, then V pairs for their keys two by two (one more row each: a block
-    // may end inside a pair).
-    int64_t packed_words(int64_t keys) const { return (keys + 1) * k_row + (keys / 2 + 1) * v_row; }
+    // K pairs for `keys` keys, then V pairs for their keys two by two (one row more: with an odd
+    // count the last pair holds one key).
+    int64_t packed_words(int64_t keys) const { return keys * k_row + (keys / 2 + 1) * v_row; }
     bool ok() const { return TileScratch<V>::ok() && pairs.data() != nullptr && packed.data() != nullptr; }
-    uint32_t* v_pairs() const { return packed.data() + (capacity + 1) * k_row; }
+    uint32_t* v_pairs() const { return packed.data() + capacity * k_row; }
   };
   struct Thread {};
 

@@ -48,7 +48,7 @@ struct TileLanes {
   T* lane_index;  // [BLOCK_M], 0, 1, 2, ...
   // Only for the bfloat16 pair products (bf16_pairs.h), else null: pairs of bfloat16 in 32-bit lanes.
   uint32_t* q_pairs = nullptr;  // [head_dim / 2 padded][BLOCK_M], queries' features 2i, 2i + 1
-  uint32_t* p_pairs = nullptr;  // [BLOCK_N / 2][BLOCK_M], probabilities of keys 2j, 2j + 1
+  uint32_t* p_pairs = nullptr;  // [pairs][BLOCK_M], probabilities of two keys each
 
   TileLanes from_vector(int vector) const {
     const int64_t lane = int64_t{vector} * V::size;
