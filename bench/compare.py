@@ -256,7 +256,8 @@ def measure(cases, args):
         gemm_worker = ceilings.GemmWorker(gemm_dtype, args.threads)
         try:
             kernel = (gemm_worker.info or {}).get("corename")
-            log(f"  {ceilings.gemm_name(gemm_dtype)} by " + (f"OpenBLAS's {kernel} kernel" if kernel else "NumPy's BLAS"))
+            by = f"OpenBLAS's {kernel} kernel" if kernel else "NumPy's BLAS"
+            log(f"  {ceilings.gemm_name(gemm_dtype)} by {by}")
             machine = ceilings.Ceilings(gemm_dtype, args.threads, pool, gemm_worker)
             machine.sample()
             log(f"  {machine.latest()}")
