@@ -58,7 +58,7 @@ struct AmxBlocks {
     const int64_t dim, dim_v;
     const int64_t capacity;  // keys `packed` holds: the whole head if it fits, else one block
     AlignedBuffer<uint32_t> pairs;
-    AlignedBuffer<uint16_t> packed;  // the head it holds whole, if any: TileScratch's head_k, head_v, head_keys
+    AlignedBuffer<uint16_t> packed;  // the head it holds whole, if any: TileScratch::holds_head
 
     explicit Scratch(const AttentionParams& p)
         : TileScratch<V>(p.head_dim, padded_dim_v(p), N, /*convert_kv=*/false, /*head_elements=*/0),
@@ -144,12 +144,7 @@ struct AmxBlocks {
       pack_keys(p, h, key_begin, keys, s);
       return {s.packed.data(), s.vt(), vt_row, key_begin};
     }
-    if (s.head_k != h.k.data || s.head_v != h.v.data || s.head_keys != h.seqlen_k) {
-      pack_keys(p, h, 0, h.seqlen_k, s);
-      s.head_k = h.k.data;
-      s.head_v = h.v.data;
-      s.head_keys = h.seqlen_k;
-    }
+    if (!s.holds_head(h)) pack_keys(p, h, 0, h.seqlen_k, s);
     return {s.packed.data(), s.vt(), vt_row, 0};
   }
 

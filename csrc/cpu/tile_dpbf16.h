@@ -34,19 +34,19 @@ struct DotBf16Blocks {
 
   static int64_t feature_pairs(const AttentionParams& p) { return (p.head_dim + 1) / 2; }
 
-  // Packed keys: the pairs of key j (features 2i, 2i + 1) are k[(j - first) * k_row + i]; those of
-  // value column e for keys first + 2t, first + 2t + 1 are v[t * v_row + e].
+  // Packed keys: the pairs of key j (features 2i, 2i + 1) are k[(j - first) * feature_pairs + i];
+  // those of value column e for keys first + 2t, first + 2t + 1 are v[t * head_dim_v + e].
   struct Keys {
     const uint32_t* k;
     const uint32_t* v;
-    int64_t k_row, v_row, first;
+    int64_t first;
   };
 
   struct Scratch : TileScratch<V> {
     const int64_t k_row, v_row;
     const int64_t capacity;  // keys `packed` holds: the whole head if it fits, else one block
     AlignedBuffer<uint32_t> pairs;   // q_pairs, then p_pairs
-    // K pairs, then V pairs; which head it holds whole, if any: TileScratch's head_k, head_v, head_keys
+    // K pairs, then V pairs; the head it holds whole, if any: TileScratch::holds_head
     AlignedBuffer<uint32_t> packed;
 
     explicit Scratch(const AttentionParams& p)
@@ -56,13 +56,14 @@ struct DotBf16Blocks {
           capacity(int64_t{sizeof(uint32_t)} * packed_words(p.seqlen_k) <= TileScratch<V>::kHeadCacheBytes
                        ? p.seqlen_k
                        : N),
-          // pack_query_pairs writes 16 pairs at a time; a block of N keys starting at a pair's
-          // second key spans N / 2 + 1 pairs.
-          pairs(((k_row + 15) / 16 * 16 + N / 2 + 1) * M),
+          // A block of N keys starting at a pair's second key spans N / 2 + 1 pairs.
+          pairs((query_pairs() + N / 2 + 1) * M),
           packed(packed_words(capacity)) {
       this->q_pairs = pairs.data();
-      this->p_pairs = pairs.data() + (k_row + 15) / 16 * 16 * M;
+      this->p_pairs = pairs.data() + query_pairs() * M;
     }
+    // Rows of q_pairs: pack_query_pairs writes 16 at a time.
+    int64_t query_pairs() const { return (k_row + 15) / 16 * 16; }
     // K pairs for `keys` keys, then V pairs for their keys two by two (one row more: with an odd
     // count the last pair holds one key).
     int64_t packed_words(int64_t keys) const { return keys * k_row + (keys / 2 + 1) * v_row; }
@@ -106,21 +107,16 @@ struct DotBf16Blocks {
                       Scratch& s) {
     if (s.capacity < p.seqlen_k) {
       pack_keys(p, h, key_begin, keys, s);
-      return {s.packed.data(), s.v_pairs(), s.k_row, s.v_row, key_begin};
+      return {s.packed.data(), s.v_pairs(), key_begin};
     }
-    if (s.head_k != h.k.data || s.head_v != h.v.data || s.head_keys != h.seqlen_k) {
-      pack_keys(p, h, 0, h.seqlen_k, s);
-      s.head_k = h.k.data;
-      s.head_v = h.v.data;
-      s.head_keys = h.seqlen_k;
-    }
-    return {s.packed.data(), s.v_pairs(), s.k_row, s.v_row, 0};
+    if (!s.holds_head(h)) pack_keys(p, h, 0, h.seqlen_k, s);
+    return {s.packed.data(), s.v_pairs(), 0};
   }
 
   template <int R>
   static void pack_queries(const AttentionParams& p, const HeadViews<bfloat16>& h, int64_t row_begin, int64_t rows,
                            Scratch& s) {
-    pack_query_pairs<V, R>(h.q, row_begin, rows, p.head_dim, (feature_pairs(p) + 15) / 16 * 32, s.q_pairs);
+    pack_query_pairs<V, R>(h.q, row_begin, rows, p.head_dim, 2 * s.query_pairs(), s.q_pairs);
   }
 
   static __m512bh as_pairs(__m512i words) { return (__m512bh)words; }
@@ -159,11 +155,12 @@ struct DotBf16Blocks {
       std::fill(s.scores, s.scores + keys * M, T(0));
       return;
     }
-    const uint32_t* const k = kv.k + (key_begin - kv.first) * kv.k_row;
+    const int64_t k_row = feature_pairs(p);
+    const uint32_t* const k = kv.k + (key_begin - kv.first) * k_row;
     const __m512 scale = _mm512_set1_ps(static_cast<T>(p.scale));
     int j = 0;
-    for (; j + KS <= keys; j += KS) score_keys<R, KS>(k + j * kv.k_row, kv.k_row, s.q_pairs, scale, s.scores + j * M);
-    score_key_tail<R>(keys - j, k + j * kv.k_row, kv.k_row, s.q_pairs, scale, s.scores + j * M);
+    for (; j + KS <= keys; j += KS) score_keys<R, KS>(k + j * k_row, k_row, s.q_pairs, scale, s.scores + j * M);
+    score_key_tail<R>(keys - j, k + j * k_row, k_row, s.q_pairs, scale, s.scores + j * M);
   }
 
   // acc[e][:] = alpha * acc[e][:] + sum_t v[t][e] . p_pairs[t][:] for NE consecutive value columns
@@ -219,12 +216,11 @@ struct DotBf16Blocks {
     const uint32_t first_keep = lead ? 0xFFFF0000u : ~0u;
     const uint32_t last_keep = (lead + keys) % 2 ? 0x0000FFFFu : ~0u;
     pack_probability_pairs<V, R>(s, keys, lead, pairs);
-    const uint32_t* const v = kv.v + offset / 2 * kv.v_row;
+    const int64_t v_row = p.head_dim_v;
+    const uint32_t* const v = kv.v + offset / 2 * v_row;
     int64_t e = 0;
-    for (; e + KS <= p.head_dim_v; e += KS)
-      accumulate_values<R, KS>(v, kv.v_row, pairs, first_keep, last_keep, e, rescale, s);
-    accumulate_value_tail<R>(static_cast<int>(p.head_dim_v - e), v, kv.v_row, pairs, first_keep, last_keep, e,
-                             rescale, s);
+    for (; e + KS <= v_row; e += KS) accumulate_values<R, KS>(v, v_row, pairs, first_keep, last_keep, e, rescale, s);
+    accumulate_value_tail<R>(static_cast<int>(v_row - e), v, v_row, pairs, first_keep, last_keep, e, rescale, s);
   }
 };
 

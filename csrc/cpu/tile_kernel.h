@@ -67,9 +67,21 @@ struct TileScratch : TileLanes<V> {
   T* v_block;  // [BLOCK_N][head_dim_v]
   // Half precision, when it fits: the K and V head of the thread's current tiles, converted whole.
   AlignedBuffer<T> head_memory;  // [seqlen_k][head_dim], then [seqlen_k][head_dim_v]; else null
-  const void* head_k = nullptr;  // which head head_memory holds, and how many of its keys
+  // Which K and V head head_memory (or a policy's packed copy) holds, and how many of its keys.
+  const void* head_k = nullptr;
   const void* head_v = nullptr;
   int64_t head_keys = -1;
+
+  // Whether the thread's copy already holds h's K and V heads; if not, it is taken to hold them from
+  // now on, and the caller fills it.
+  template <class S>
+  bool holds_head(const HeadViews<S>& h) {
+    if (head_k == h.k.data && head_v == h.v.data && head_keys == h.seqlen_k) return true;
+    head_k = h.k.data;
+    head_v = h.v.data;
+    head_keys = h.seqlen_k;
+    return false;
+  }
 
   // Every piece is a multiple of BLOCK_M elements, hence of the vector width: all stay aligned.
   TileScratch(const AttentionParams& p, bool convert_kv)
@@ -141,12 +153,9 @@ KeyBlock<typename V::value_type> key_block(const AttentionParams& p, const HeadV
       return {convert_rows<V>(h.k, key_begin, keys, p.head_dim, s.k_block),
               convert_rows<V>(h.v, key_begin, keys, p.head_dim_v, s.v_block), key_begin};
     auto* const head_v = s.head_memory.data() + h.seqlen_k * p.head_dim;
-    if (s.head_k != h.k.data || s.head_v != h.v.data || s.head_keys != h.seqlen_k) {
+    if (!s.holds_head(h)) {
       convert_rows<V>(h.k, 0, h.seqlen_k, p.head_dim, s.head_memory.data());
       convert_rows<V>(h.v, 0, h.seqlen_k, p.head_dim_v, head_v);
-      s.head_k = h.k.data;
-      s.head_v = h.v.data;
-      s.head_keys = h.seqlen_k;
     }
     return {{s.head_memory.data(), p.head_dim, 1}, {head_v, p.head_dim_v, 1}, 0};
   }
