@@ -140,15 +140,6 @@ struct DotBf16Blocks {
       for (int r = 0; r < R; ++r) _mm512_store_ps(scores + j * M + r * 16, _mm512_mul_ps(acc[j][r], scale));
   }
 
-  template <int R, int NK = KS - 1>
-  static void score_key_tail(int keys, const uint32_t* k, int64_t k_row, const uint32_t* q_pairs, __m512 scale,
-                             float* scores) {
-    if constexpr (NK > 0) {
-      if (keys == NK) return score_keys<R, NK>(k, k_row, q_pairs, scale, scores);
-      score_key_tail<R, NK - 1>(keys, k, k_row, q_pairs, scale, scores);
-    }
-  }
-
   template <int R>
   static void score(const AttentionParams& p, const Keys& kv, int64_t key_begin, int keys, const TileLanes<V>& s) {
     if (p.head_dim == 0) {  // empty dot products
@@ -160,7 +151,9 @@ struct DotBf16Blocks {
     const __m512 scale = _mm512_set1_ps(static_cast<T>(p.scale));
     int j = 0;
     for (; j + KS <= keys; j += KS) score_keys<R, KS>(k + j * k_row, k_row, s.q_pairs, scale, s.scores + j * M);
-    score_key_tail<R>(keys - j, k + j * k_row, k_row, s.q_pairs, scale, s.scores + j * M);
+    with_count<KS - 1>(keys - j, [&](auto tail) {
+      score_keys<R, decltype(tail)::value>(k + j * k_row, k_row, s.q_pairs, scale, s.scores + j * M);
+    });
   }
 
   // acc[e][:] = alpha * acc[e][:] + sum_t v[t][e] . p_pairs[t][:] for NE consecutive value columns
@@ -197,15 +190,6 @@ struct DotBf16Blocks {
       for (int r = 0; r < R; ++r) _mm512_store_ps(s.acc + (col_begin + c) * M + r * 16, acc[c][r]);
   }
 
-  template <int R, int NE = KS - 1>
-  static void accumulate_value_tail(int cols, const uint32_t* v, int64_t v_row, int pairs, uint32_t first_keep,
-                                    uint32_t last_keep, int64_t col_begin, bool rescale, const TileLanes<V>& s) {
-    if constexpr (NE > 0) {
-      if (cols == NE) return accumulate_values<R, NE>(v, v_row, pairs, first_keep, last_keep, col_begin, rescale, s);
-      accumulate_value_tail<R, NE - 1>(cols, v, v_row, pairs, first_keep, last_keep, col_begin, rescale, s);
-    }
-  }
-
   template <int R>
   static void accumulate(const AttentionParams& p, const Keys& kv, int64_t key_begin, int keys, bool rescale,
                          const TileLanes<V>& s) {
@@ -220,7 +204,9 @@ struct DotBf16Blocks {
     const uint32_t* const v = kv.v + offset / 2 * v_row;
     int64_t e = 0;
     for (; e + KS <= v_row; e += KS) accumulate_values<R, KS>(v, v_row, pairs, first_keep, last_keep, e, rescale, s);
-    accumulate_value_tail<R>(static_cast<int>(v_row - e), v, v_row, pairs, first_keep, last_keep, e, rescale, s);
+    with_count<KS - 1>(static_cast<int>(v_row - e), [&](auto tail) {
+      accumulate_values<R, decltype(tail)::value>(v, v_row, pairs, first_keep, last_keep, e, rescale, s);
+    });
   }
 };
 

@@ -32,6 +32,16 @@ struct Tile {
   static constexpr int kSteps = V::kRegisters >= 32 ? 8 : 4;   // keys (or value columns) per micro-step
 };
 
+// Calls f(std::integral_constant<int, n>{}) for n in [1, Max], nothing for n = 0: a micro-kernel's
+// run-time tail count (keys, value columns) as the compile-time one its registers need.
+template <int Max, class F>
+void with_count(int n, F&& f) {
+  if constexpr (Max > 0) {
+    if (n == Max) return f(std::integral_constant<int, Max>{});
+    with_count<Max - 1>(n, f);
+  }
+}
+
 // Where a tile's state lives, lane r of each array belonging to query row r of the tile.
 // from_vector(v) views the same state from query vector v on: lane 0 is then query row v * W, so
 // the block functions below can run on the tile's last R - v vectors alone. lane_index stays
@@ -252,16 +262,6 @@ void score_keys(const MatrixView<const typename V::value_type>& k, int64_t key_b
     for (int r = 0; r < R; ++r) acc[j][r].store(scores + j * M + r * W);
 }
 
-// The last keys % kSteps keys of a block, with a micro-step of exactly that many keys.
-template <class V, int R, int NK = Tile<V>::kSteps - 1>
-void score_key_tail(int keys, const MatrixView<const typename V::value_type>& k, int64_t key_begin,
-                    int64_t head_dim, const typename V::value_type* q_tile, typename V::value_type* scores) {
-  if constexpr (NK > 0) {
-    if (keys == NK) return score_keys<V, R, NK>(k, key_begin, head_dim, q_tile, scores);
-    score_key_tail<V, R, NK - 1>(keys, k, key_begin, head_dim, q_tile, scores);
-  }
-}
-
 template <class V, int R>
 void score_block(const MatrixView<const typename V::value_type>& k, int64_t key_begin, int keys,
                  int64_t head_dim, const TileLanes<V>& s) {
@@ -272,7 +272,9 @@ void score_block(const MatrixView<const typename V::value_type>& k, int64_t key_
   }
   int j = 0;
   for (; j + KS <= keys; j += KS) score_keys<V, R, KS>(k, key_begin + j, head_dim, s.q_tile, s.scores + j * M);
-  score_key_tail<V, R>(keys - j, k, key_begin + j, head_dim, s.q_tile, s.scores + j * M);
+  with_count<KS - 1>(keys - j, [&](auto tail) {  // the last keys % kSteps keys, as one micro-step
+    score_keys<V, R, decltype(tail)::value>(k, key_begin + j, head_dim, s.q_tile, s.scores + j * M);
+  });
 }
 
 // Applies the caller's mask to the rows < rows_valid: -inf where hidden, plus a float mask.
@@ -403,22 +405,15 @@ void accumulate_values(const MatrixView<const typename V::value_type>& v, int64_
     for (int r = 0; r < R; ++r) acc[c][r].store(s.acc + (col_begin + c) * M + r * W);
 }
 
-template <class V, int R, int NE = Tile<V>::kSteps - 1>
-void accumulate_value_tail(int cols, const MatrixView<const typename V::value_type>& v, int64_t key_begin,
-                           int keys, int64_t col_begin, bool rescale, const TileLanes<V>& s) {
-  if constexpr (NE > 0) {
-    if (cols == NE) return accumulate_values<V, R, NE>(v, key_begin, keys, col_begin, rescale, s);
-    accumulate_value_tail<V, R, NE - 1>(cols, v, key_begin, keys, col_begin, rescale, s);
-  }
-}
-
 template <class V, int R>
 void accumulate_block(const MatrixView<const typename V::value_type>& v, int64_t key_begin,
                       int keys, int64_t head_dim_v, bool rescale, const TileLanes<V>& s) {
   constexpr int CS = Tile<V>::kSteps;
   int64_t e = 0;
   for (; e + CS <= head_dim_v; e += CS) accumulate_values<V, R, CS>(v, key_begin, keys, e, rescale, s);
-  accumulate_value_tail<V, R>(static_cast<int>(head_dim_v - e), v, key_begin, keys, e, rescale, s);
+  with_count<CS - 1>(static_cast<int>(head_dim_v - e), [&](auto tail) {
+    accumulate_values<V, R, decltype(tail)::value>(v, key_begin, keys, e, rescale, s);
+  });
 }
 
 // The tile's matrix products, as a policy: these multiply in the compute type with FMAs, K and V
