@@ -28,9 +28,13 @@ namespace fastattn::FASTATTN_CPU_ISA {
 struct Decode {
   static constexpr int64_t kMaxRows = 16;      // query rows one work item serves
   static constexpr int64_t kSplitKeys = 512;  // keys per work item
-  // K and V rows are requested this many keys ahead: decode waits on memory, and the hardware
-  // prefetcher alone left 10-20% of the streaming-read bandwidth unused (measured: 32 > 64 > 128).
-  static constexpr int64_t kPrefetchKeys = 32;
+  // K and V rows are requested this many keys ahead, into L2 (prefetcht1): decode waits on
+  // memory, and the hardware prefetcher alone left 10-40% of the streaming-read bandwidth unused.
+  // Into L1 (prefetcht0), 32 keys of D = 128 ahead are 32 KB of K and V in flight, all of Zen 4's
+  // L1: lines were evicted before use and decode ran 35% slower there than with prefetcht1
+  // (measured on Zen 4, 2 threads: 16 keys >= 24, 32 > 48 > 8).
+  static constexpr int64_t kPrefetchKeys = 16;
+  static constexpr int kPrefetchLocality = 2;  // __builtin_prefetch's: 2 = prefetcht1
 };
 
 // The rows of one work item: row r is query r % seqlen_q of the group's head r / seqlen_q. The keys
@@ -211,8 +215,8 @@ void decode_split(const AttentionParams& p, const HeadViews<S>* heads,
       // The prefetches are spread over the chunk's work: issued all at once they filled the line
       // fill buffers and stalled the work behind them until memory answered (GQA decode +15%).
       for (int64_t a = ahead + j; a < std::min(key_end, ahead + j + kDecodeKeyBlock); ++a) {
-        for (int64_t d = 0; d < E; d += 64 / sizeof(S)) __builtin_prefetch(&k(a, d));
-        for (int64_t e = 0; e < Ev; e += 64 / sizeof(S)) __builtin_prefetch(&v(a, e));
+        for (int64_t d = 0; d < E; d += 64 / sizeof(S)) __builtin_prefetch(&k(a, d), 0, Decode::kPrefetchLocality);
+        for (int64_t e = 0; e < Ev; e += 64 / sizeof(S)) __builtin_prefetch(&v(a, e), 0, Decode::kPrefetchLocality);
       }
       for_row_blocks<RB>(rows, [&](auto block, int64_t r) {
         score_keys_decode<V, decltype(block)::value, kDecodeKeyBlock>(s.q + r * s.q_stride, s.q_stride, k,
