@@ -123,7 +123,10 @@ void run_tiles(const AttentionParams& p) {
   if (out_of_memory) throw std::bad_alloc();
 }
 
-// Work items (batch element, head group, key split), then one merge per output row.
+// Work items (batch element, head group, key split) in WorkRuns, then one merge per output row.
+// A run is consecutive splits of the same heads, so each thread streams through its own part of
+// K and V and its prefetches run on into its next split (dynamic scheduling interleaved the
+// threads' splits: 5-20% slower on Zen 4).
 template <class V, class S, class MaskT>
 void run_decode(const AttentionParams& p) {
   using T = typename V::value_type;
@@ -133,15 +136,15 @@ void run_decode(const AttentionParams& p) {
   const int64_t split_stride = shape.rows * (2 + p.head_dim_v);  // one RowState per row
   AlignedBuffer<T> states(work_items * split_stride);  // O(output x splits), never O(L x S)
   if (states.data() == nullptr) throw std::bad_alloc();
+  WorkRuns runs(work_items, p.num_threads);
   Interruption interruption(p);
   std::atomic<bool> out_of_memory{false};
 #pragma omp parallel num_threads(p.num_threads)
   {
     DecodeScratch<V> scratch(shape.rows, p.head_dim, p.head_dim_v);
     if (!scratch.ok()) out_of_memory = true;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < work_items; ++item) {
-      if (!scratch.ok() || interruption.stop(omp_get_thread_num())) continue;
+    const int thread = omp_get_thread_num();
+    for (int64_t item; scratch.ok() && !interruption.stop(thread) && runs.next(thread, item);) {
       const int64_t split = item % shape.splits;
       const int64_t group = item / shape.splits % groups;
       const BatchIndex batch(p, item / shape.splits / groups);
@@ -152,6 +155,7 @@ void run_decode(const AttentionParams& p) {
       const int64_t key_end = std::min(p.seqlen_k, key_begin + Decode::kSplitKeys);
       decode_split<V, MaskT>(p, heads, shape, key_begin, key_end, scratch, states.data() + item * split_stride);
     }
+#pragma omp barrier
     // After a failed allocation or an interruption some splits were never computed: merge nothing.
 #pragma omp for schedule(static)
     for (int64_t row_item = 0; row_item < batch_count(p) * groups * shape.rows; ++row_item) {

@@ -217,7 +217,8 @@ void decode_split(const AttentionParams& p, const HeadViews<S>* heads,
     for (; E > 0 && j + kDecodeKeyBlock <= keys; j += kDecodeKeyBlock) {
       // The prefetches are spread over the chunk's work: issued all at once they filled the line
       // fill buffers and stalled the work behind them until memory answered (GQA decode +15%).
-      for (int64_t a = ahead + j; a < std::min(key_end, ahead + j + kDecodeKeyBlock); ++a) {
+      // They run on past key_end: the thread's next split is usually the next one (WorkRuns).
+      for (int64_t a = ahead + j; a < std::min(range.end, ahead + j + kDecodeKeyBlock); ++a) {
         for (int64_t d = 0; d < E; d += 64 / sizeof(S)) __builtin_prefetch(&k(a, d), 0, Decode::kPrefetchLocality);
         for (int64_t e = 0; e < Ev; e += 64 / sizeof(S)) __builtin_prefetch(&v(a, e), 0, Decode::kPrefetchLocality);
       }
