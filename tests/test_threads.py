@@ -46,6 +46,16 @@ def test_one_and_two_threads_agree_bitwise(isa, rng, restore_threads, case):
     np.testing.assert_array_equal(double, single)
 
 
+@pytest.mark.parametrize("q_shape, kv_shape", [((1, 1, 20, 64), (1, 1, 300, 64)),  # one query tile
+                                                 ((1, 1, 1, 64), (1, 1, 100, 64))])  # one decode split
+def test_more_threads_than_work_items(isa, rng, restore_threads, q_shape, kv_shape):
+    q, k, v = randn(rng, q_shape, np.float32), randn(rng, kv_shape, np.float32), randn(rng, kv_shape, np.float32)
+    fastattn.set_num_threads(1)
+    single = fastattn.attention(q, k, v)
+    fastattn.set_num_threads(8)
+    np.testing.assert_array_equal(fastattn.attention(q, k, v), single)
+
+
 def test_set_get_roundtrip(restore_threads):
     for threads in (1, 2, 1):
         fastattn.set_num_threads(threads)

@@ -96,6 +96,12 @@ class Interruption {
   std::chrono::steady_clock::time_point next_poll_ = std::chrono::steady_clock::now() + kPollInterval;
 };
 
+// No more threads than work items: waking an idle one costs a few microseconds, as much as a
+// whole small call.
+inline int thread_count(const AttentionParams& p, int64_t work_items) {
+  return static_cast<int>(std::min<int64_t>(p.num_threads, work_items));
+}
+
 // Work items (batch element, query head, query tile) in WorkRuns. Consecutive items are tiles of one
 // head, so its K and V stay in L2 (heads in turn ran at 2/3 of the speed); within a head the last
 // tiles, the heaviest under causal, come first.
@@ -104,10 +110,11 @@ void run_tiles(const AttentionParams& p) {
   constexpr int M = Tile<V>::kBlockM;
   const int64_t tiles_per_head = (p.seqlen_q + M - 1) / M;
   const int64_t work_items = batch_count(p) * p.num_heads_q * tiles_per_head;
-  WorkRuns runs(work_items, p.num_threads);
+  const int threads = thread_count(p, work_items);
+  WorkRuns runs(work_items, threads);
   Interruption interruption(p);
   std::atomic<bool> out_of_memory{false};
-#pragma omp parallel num_threads(p.num_threads)
+#pragma omp parallel num_threads(threads)
   {
     typename Blocks::Scratch scratch(p);
     if (!scratch.ok()) out_of_memory = true;
@@ -136,10 +143,11 @@ void run_decode(const AttentionParams& p) {
   const int64_t split_stride = shape.rows * (2 + p.head_dim_v);  // one RowState per row
   AlignedBuffer<T> states(work_items * split_stride);  // O(output x splits), never O(L x S)
   if (states.data() == nullptr) throw std::bad_alloc();
-  WorkRuns runs(work_items, p.num_threads);
+  const int threads = thread_count(p, work_items);
+  WorkRuns runs(work_items, threads);
   Interruption interruption(p);
   std::atomic<bool> out_of_memory{false};
-#pragma omp parallel num_threads(p.num_threads)
+#pragma omp parallel num_threads(threads)
   {
     DecodeScratch<V> scratch(shape.rows, p.head_dim, p.head_dim_v);
     if (!scratch.ok()) out_of_memory = true;
