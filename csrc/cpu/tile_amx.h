@@ -47,11 +47,15 @@ struct AmxBlocks {
   static int64_t padded_dim_v(const AttentionParams& p) { return round_up(p.head_dim_v, 16); }
 
   // Packed keys: key j of the head is row j - first of k ([keys][padded_dim]) and column j - first of
-  // vt ([padded_dim_v][vt_row]).
+  // vt ([padded_dim_v][vt_row]). A product reads 32 keys of vt, so a block whose length is not a
+  // multiple of 32 would also read the next keys of a head packed whole, and their values times zero
+  // probabilities are NaN where a value is inf: vt_tail is then the block's last, partial 32 keys
+  // with zeros after them ([padded_dim_v][32]), else null.
   struct Keys {
     const uint16_t* k;
     const uint16_t* vt;
     int64_t vt_row, first;
+    const uint16_t* vt_tail;
   };
 
   struct Scratch : TileScratch<V> {
@@ -59,6 +63,7 @@ struct AmxBlocks {
     const int64_t capacity;  // keys `packed` holds: the whole head if it fits, else one block
     AlignedBuffer<uint32_t> pairs;
     AlignedBuffer<uint16_t> packed;  // the head it holds whole, if any: TileScratch::holds_head
+    AlignedBuffer<uint16_t> vt_tail;  // Keys::vt_tail
 
     explicit Scratch(const AttentionParams& p)
         : TileScratch<V>(p.head_dim, padded_dim_v(p), N, /*convert_kv=*/false, /*head_elements=*/0),
@@ -68,13 +73,17 @@ struct AmxBlocks {
                        ? p.seqlen_k
                        : N),
           pairs((dim / 2 + N / 2) * M),
-          packed((capacity + kPadKeys) * (dim + dim_v)) {
+          packed((capacity + kPadKeys) * (dim + dim_v)),
+          vt_tail(dim_v * kPadKeys) {
       this->q_pairs = pairs.data();
       this->p_pairs = pairs.data() + dim / 2 * M;
       // The padded rows of acc are never written by attend_tile; zero keeps them finite.
       if (ok()) std::fill(this->acc, this->acc + dim_v * M, T(0));
     }
-    bool ok() const { return TileScratch<V>::ok() && pairs.data() != nullptr && packed.data() != nullptr; }
+    bool ok() const {
+      return TileScratch<V>::ok() && pairs.data() != nullptr && packed.data() != nullptr &&
+             (dim_v == 0 || vt_tail.data() != nullptr);
+    }
     uint16_t* vt() const { return packed.data() + (capacity + kPadKeys) * dim; }
   };
 
@@ -137,15 +146,27 @@ struct AmxBlocks {
     }
   }
 
+  // Keys::vt_tail of the block [key_begin, key_begin + keys) of vt (packed with key 0 first).
+  static const uint16_t* copy_value_tail(const uint16_t* vt, int64_t vt_row, int64_t key_begin, int keys,
+                                         Scratch& s) {
+    const int rest = keys % 32;
+    if (rest == 0) return nullptr;
+    const auto kept = static_cast<__mmask32>((1u << rest) - 1);
+    const uint16_t* const from = vt + key_begin + (keys - rest);
+    for (int64_t e = 0; e < s.dim_v; ++e)
+      _mm512_store_si512(s.vt_tail.data() + e * kPadKeys, _mm512_maskz_loadu_epi16(kept, from + e * vt_row));
+    return s.vt_tail.data();
+  }
+
   static Keys prepare(const AttentionParams& p, const HeadViews<bfloat16>& h, int64_t key_begin, int keys,
                       Scratch& s) {
     const int64_t vt_row = s.capacity + kPadKeys;
-    if (s.capacity < p.seqlen_k) {
+    if (s.capacity < p.seqlen_k) {  // the block alone, zero after it
       pack_keys(p, h, key_begin, keys, s);
-      return {s.packed.data(), s.vt(), vt_row, key_begin};
+      return {s.packed.data(), s.vt(), vt_row, key_begin, nullptr};
     }
     if (!s.holds_head(h)) pack_keys(p, h, 0, h.seqlen_k, s);
-    return {s.packed.data(), s.vt(), vt_row, 0};
+    return {s.packed.data(), s.vt(), vt_row, 0, copy_value_tail(s.vt(), vt_row, key_begin, keys, s)};
   }
 
   template <int R>
@@ -213,13 +234,16 @@ struct AmxBlocks {
     pack_probability_pairs<V, R>(s, keys, /*lead=*/0, chunks * 16);
 
     const uint16_t* const vt = kv.vt + (key_begin - kv.first);
+    const int in_place = kv.vt_tail ? keys / 32 : chunks;
     for (int64_t e0 = 0; e0 < dim_v; e0 += 16) {
       T* const acc = s.acc + e0 * M;
       _tile_loadd(0, acc, kStride);
       if constexpr (R > 1) _tile_loadd(1, acc + 16, kStride);
       if constexpr (R > 2) _tile_loadd(2, acc + 32, kStride);
-      for (int c = 0; c < chunks; ++c)
+      for (int c = 0; c < in_place; ++c)
         multiply<R>(vt + e0 * kv.vt_row + c * 32, kv.vt_row * sizeof(uint16_t), s.p_pairs + c * 16 * M);
+      if (kv.vt_tail)
+        multiply<R>(kv.vt_tail + e0 * kPadKeys, kPadKeys * sizeof(uint16_t), s.p_pairs + in_place * 16 * M);
       store_accumulators<R>(acc);
     }
   }
