@@ -34,8 +34,8 @@ struct Decode {
   // all of Zen 4's L1) ran 35% slower than into L2: lines were evicted before use. Measured on
   // Zen 4, 2 threads: 4-8 KB ahead best, 16 KB 5% slower; prefetcht2 3-5% ahead of prefetcht1;
   // one line per row instead of every line 30% slower. On the Intel machine with AMX (48 KB L1,
-  // 2 MB L2), 3 KB ahead read 3-16% faster than 4 KB (float64 MHA 19.3-23.2 -> 22.9-25.5 GB/s, below
-  // torch's float64 at 4 KB) and as fast as 2 KB; 3 KB was not measured on Zen 4.
+  // 2 MB L2), 3 KB ahead read 3-16% faster than 4 KB (float64 MHA 19.3-23.2 -> 22.9-25.5 GB/s; at
+  // 4 KB it was slower than torch's float64) and as fast as 2 KB; 3 KB was not measured on Zen 4.
   static constexpr int64_t kPrefetchBytes = 3072;
   static constexpr int kPrefetchLocality = 1;  // __builtin_prefetch's: 1 = prefetcht2
 };

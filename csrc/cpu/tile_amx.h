@@ -146,13 +146,14 @@ struct AmxBlocks {
     }
   }
 
-  // Keys::vt_tail of the block [key_begin, key_begin + keys) of vt (packed with key 0 first).
-  static const uint16_t* copy_value_tail(const uint16_t* vt, int64_t vt_row, int64_t key_begin, int keys,
-                                         Scratch& s) {
+  // Keys::vt_tail of the block [key_begin, key_begin + keys) of the head s.packed holds whole; null
+  // when the block's keys fill whole products or end with the head (pack_keys zeroed what follows).
+  static const uint16_t* copy_value_tail(const HeadViews<bfloat16>& h, int64_t key_begin, int keys, Scratch& s) {
     const int rest = keys % 32;
-    if (rest == 0) return nullptr;
+    if (rest == 0 || key_begin + keys == h.seqlen_k) return nullptr;
+    const int64_t vt_row = s.capacity + kPadKeys;
     const auto kept = static_cast<__mmask32>((1u << rest) - 1);
-    const uint16_t* const from = vt + key_begin + (keys - rest);
+    const uint16_t* const from = s.vt() + key_begin + (keys - rest);
     for (int64_t e = 0; e < s.dim_v; ++e)
       _mm512_store_si512(s.vt_tail.data() + e * kPadKeys, _mm512_maskz_loadu_epi16(kept, from + e * vt_row));
     return s.vt_tail.data();
@@ -166,7 +167,7 @@ struct AmxBlocks {
       return {s.packed.data(), s.vt(), vt_row, key_begin, nullptr};
     }
     if (!s.holds_head(h)) pack_keys(p, h, 0, h.seqlen_k, s);
-    return {s.packed.data(), s.vt(), vt_row, 0, copy_value_tail(s.vt(), vt_row, key_begin, keys, s)};
+    return {s.packed.data(), s.vt(), vt_row, 0, copy_value_tail(h, key_begin, keys, s)};
   }
 
   template <int R>
