@@ -107,8 +107,9 @@ struct VecAvx2<float> {
   }
   friend VecAvx2 max(VecAvx2 a, VecAvx2 b) { return {_mm256_max_ps(b.v, a.v)}; }
   friend bool any_less(VecAvx2 a, VecAvx2 b) { return _mm256_movemask_ps(_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ)) != 0; }
-  friend VecAvx2 round_nearest(VecAvx2 x) {
-    return {_mm256_round_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  friend void split_nearest(VecAvx2 x, VecAvx2& n, VecAvx2& f) {
+    n = {_mm256_round_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+    f = x - n;
   }
   friend VecAvx2 times_pow2(VecAvx2 p, VecAvx2 n) {
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23);
@@ -161,8 +162,9 @@ struct VecAvx2<double> {
   }
   friend VecAvx2 max(VecAvx2 a, VecAvx2 b) { return {_mm256_max_pd(b.v, a.v)}; }
   friend bool any_less(VecAvx2 a, VecAvx2 b) { return _mm256_movemask_pd(_mm256_cmp_pd(a.v, b.v, _CMP_LT_OQ)) != 0; }
-  friend VecAvx2 round_nearest(VecAvx2 x) {
-    return {_mm256_round_pd(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  friend void split_nearest(VecAvx2 x, VecAvx2& n, VecAvx2& f) {
+    n = {_mm256_round_pd(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+    f = x - n;
   }
   friend VecAvx2 times_pow2(VecAvx2 p, VecAvx2 n) {
     const __m256i exponent = _mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n.v));

@@ -93,8 +93,10 @@ struct VecAvx512<float> {
   }
   friend VecAvx512 max(VecAvx512 a, VecAvx512 b) { return {_mm512_max_ps(b.v, a.v)}; }
   friend bool any_less(VecAvx512 a, VecAvx512 b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ) != 0; }
-  friend VecAvx512 round_nearest(VecAvx512 x) {
-    return {_mm512_roundscale_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  // vreduceps gives f in one uop; vrndscaleps (for n) takes two on the Intel machine.
+  friend void split_nearest(VecAvx512 x, VecAvx512& n, VecAvx512& f) {
+    f = {_mm512_reduce_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+    n = x - f;
   }
   friend VecAvx512 times_pow2(VecAvx512 p, VecAvx512 n) { return {_mm512_scalef_ps(p.v, n.v)}; }
 };
@@ -142,8 +144,10 @@ struct VecAvx512<double> {
   }
   friend VecAvx512 max(VecAvx512 a, VecAvx512 b) { return {_mm512_max_pd(b.v, a.v)}; }
   friend bool any_less(VecAvx512 a, VecAvx512 b) { return _mm512_cmp_pd_mask(a.v, b.v, _CMP_LT_OQ) != 0; }
-  friend VecAvx512 round_nearest(VecAvx512 x) {
-    return {_mm512_roundscale_pd(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  // vreducepd gives f in one uop; vrndscalepd (for n) takes two on the Intel machine.
+  friend void split_nearest(VecAvx512 x, VecAvx512& n, VecAvx512& f) {
+    f = {_mm512_reduce_pd(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+    n = x - f;
   }
   friend VecAvx512 times_pow2(VecAvx512 p, VecAvx512 n) { return {_mm512_scalef_pd(p.v, n.v)}; }
 };

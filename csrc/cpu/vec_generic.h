@@ -99,11 +99,13 @@ struct VecGeneric {
     for (int i = 1; i < N; ++i) m = m < a.v[i] ? a.v[i] : m;
     return m;
   }
-  // Round to nearest (ties to even) for |x| < 2^(mantissa bits - 1): adding and removing
-  // 1.5 * 2^mantissa_bits leaves the integer part in the mantissa (IEEE arithmetic, no fast-math).
-  friend VecGeneric round_nearest(VecGeneric x) {
+  // x = n + f, n the nearest integer (ties to even), both exact, for |x| < 2^(mantissa bits - 1):
+  // adding and removing 1.5 * 2^mantissa_bits leaves the integer part in the mantissa (IEEE
+  // arithmetic, no fast-math).
+  friend void split_nearest(VecGeneric x, VecGeneric& n, VecGeneric& f) {
     const T shifter = sizeof(T) == 4 ? T(12582912.0) : T(6755399441055744.0);
-    return {(x.v + shifter) - shifter};
+    n = {(x.v + shifter) - shifter};
+    f = x - n;
   }
   // p * 2^n for lanes of n holding integers in the normal exponent range.
   friend VecGeneric times_pow2(VecGeneric p, VecGeneric n) {

@@ -1,5 +1,5 @@
 // Functions built from the vector vocabulary (broadcast, +, -, *, fmadd, select_less,
-// round_nearest, times_pow2), written once for every vector type.
+// split_nearest, times_pow2), written once for every vector type.
 #pragma once
 
 #include <limits>
@@ -30,8 +30,8 @@ template <class V>
 V exp2_clamped(V x) {
   using T = typename V::value_type;
   const V clamped = max(x, V::broadcast(T(std::numeric_limits<T>::min_exponent - 1)));  // -126 / -1022
-  const V n = round_nearest(clamped);
-  const V f = clamped - n;
+  V n, f;
+  split_nearest(clamped, n, f);
   V p;
   if constexpr (sizeof(T) == 4) {
     p = V::broadcast(T(1.5465312753804028e-4));
