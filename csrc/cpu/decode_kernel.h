@@ -28,16 +28,16 @@ namespace fastattn::FASTATTN_CPU_ISA {
 struct Decode {
   static constexpr int64_t kMaxRows = 16;      // query rows one work item serves
   static constexpr int64_t kSplitKeys = 512;  // keys per work item
-  // K and V rows are requested about this many bytes (of each) ahead, into L2 (prefetcht2):
-  // decode waits on memory, and the hardware prefetchers alone left half of the streaming-read
-  // bandwidth unused on Zen 4. Into L1 (prefetcht0), 32 keys ahead (32 KB of K and V at D = 128,
-  // all of Zen 4's L1) ran 35% slower than into L2: lines were evicted before use. Measured on
-  // Zen 4, 2 threads: 4-8 KB ahead best, 16 KB 5% slower; prefetcht2 3-5% ahead of prefetcht1;
-  // one line per row instead of every line 30% slower. On the Intel machine with AMX (48 KB L1,
-  // 2 MB L2), 3 KB ahead read 3-16% faster than 4 KB (float64 MHA 19.3-23.2 -> 22.9-25.5 GB/s; at
-  // 4 KB it was slower than torch's float64) and as fast as 2 KB; 3 KB was not measured on Zen 4.
+  // K and V rows are requested about this many bytes (of each) ahead: decode waits on memory, and
+  // the hardware prefetchers alone left half of the streaming-read bandwidth unused on Zen 4.
+  // Zen 4, 2 threads, into L2 (prefetcht2): 4-8 KB ahead best, 16 KB 5% slower; prefetcht2 3-5%
+  // ahead of prefetcht1; one line per row instead of every line 30% slower; into L1 (prefetcht0)
+  // 32 keys ahead (32 KB of K and V at D = 128, all of its L1) 35% slower: lines were evicted
+  // before use. The Intel machine with AMX (48 KB L1, 2 MB L2), 2 threads: 3 KB ahead 3-16%
+  // faster than 4 KB and as fast as 2 KB, into L2; then into L1 (prefetcht0) at 3 KB, another
+  // 4-6% for float64 and 0-10% for float32; prefetchnta 3x slower. Zen 4 has not run 3 KB.
   static constexpr int64_t kPrefetchBytes = 3072;
-  static constexpr int kPrefetchLocality = 1;  // __builtin_prefetch's: 1 = prefetcht2
+  static constexpr int kPrefetchLocality = 3;  // __builtin_prefetch's: 3 = prefetcht0
   // Vectors of keys per online-softmax step: K of 4 vectors of keys is read, then their V, so
   // each stream runs on 4x longer before the other interrupts it. On the Intel AMX machine, 2
   // threads, against one vector: float64 decode 3-7% faster, float32 0-5%; 8 as fast as 4, 16 and
