@@ -245,32 +245,33 @@ void decode_split(const AttentionParams& p, const HeadViews<S>* heads,
       });
 
     const int vectors = (keys + W - 1) / W;
-    const bool masks = !std::is_void_v<MaskT> || keys < vectors * W;
+    const bool lanes_hidden = !std::is_void_v<MaskT> || keys < vectors * W;  // a mask, or a partial chunk
     for (int64_t r = 0; r < rows; ++r) {
       const HeadViews<S>& h = heads[r / L];
       const int64_t query = r % L;
       RowState<T> state{states + r * (2 + Ev)};
       T* row_scores = s.scores + r * C;
-      const bool hides = masks || window_cuts(p, h.diagonal, query, query, chunk, chunk + keys);
+      const bool hides = lanes_hidden || window_cuts(p, h.diagonal, query, query, chunk, chunk + keys);
+      V x[Decode::kChunkVectors];
       V x_max = V::broadcast(neg_inf);
       for (int c = 0; c < vectors; ++c) {
-        T* part = row_scores + c * W;
-        V x = V::load(part);
-        if (p.softcap > 0) x = cap * tanh(x / cap);
+        x[c] = V::load(row_scores + c * W);
+        if (p.softcap > 0) x[c] = cap * tanh(x[c] / cap);
         if (p.alibi_slopes) {  // -slope * |d(i) - j|, j = chunk + lane
           const V offset = V::load(s.lane_index + c * W) - V::broadcast(static_cast<T>(query + h.diagonal - chunk));
-          x = fmadd(max(offset, V::zero() - offset), V::broadcast(-h.alibi_slope), x);
+          x[c] = fmadd(max(offset, V::zero() - offset), V::broadcast(-h.alibi_slope), x[c]);
         }
-        x.store(part);
         if (hides) {
+          T* const part = row_scores + c * W;
+          x[c].store(part);
           for (int i = 0; i < W; ++i) {
             const int64_t key = chunk + c * W + i;
             const bool visible = c * W + i < keys && in_window(p, h.diagonal, query, key);
             part[i] = visible ? apply_mask<MaskT>(part[i], h, query, key) : neg_inf;
           }
-          x = V::load(part);
+          x[c] = V::load(part);
         }
-        x_max = max(x_max, x);
+        x_max = max(x_max, x[c]);
       }
       // Online softmax across the chunk's lanes; a row with no visible key yet subtracts 0.
       const T m_old = state.m();
@@ -278,7 +279,7 @@ void decode_split(const AttentionParams& p, const HeadViews<S>* heads,
       const T m_sub = m_new == neg_inf ? T(0) : m_new;
       V sum = V::zero();
       for (int c = 0; c < vectors; ++c) {
-        const V probs = exp(V::load(row_scores + c * W) - V::broadcast(m_sub));
+        const V probs = exp(x[c] - V::broadcast(m_sub));
         probs.store(row_scores + c * W);
         sum = sum + probs;
       }
