@@ -102,6 +102,33 @@ inline int thread_count(const AttentionParams& p, int64_t work_items) {
   return static_cast<int>(std::min<int64_t>(p.num_threads, work_items));
 }
 
+// Head `flat_head` of batch_count(p) * num_heads_q, batch elements outermost.
+template <class S>
+HeadViews<S> flat_head_views(const AttentionParams& p, int64_t flat_head) {
+  return head_views<S>(p, BatchIndex(p, flat_head / p.num_heads_q), flat_head % p.num_heads_q);
+}
+
+// While a thread works on a head, the K and V of the one after it (usually its next work: runs are
+// contiguous) are requested into L2. When a call's K and V exceed the caches, each head's first tile
+// otherwise waits on memory; with the requests ViT-B/16 at batch 64 ran 8-11% faster, BERT-base at
+// batch 32 0.5-10% (Intel, 2 threads, noisy). Only a head that fits in L2 beside the current one,
+// only for calls whose K and V the caches do not hold (below that the requests only cost: 2,6,197,80
+// up to 5% slower); a head that shares the current K and V (GQA) is there already.
+template <class S>
+void prefetch_next_head(const AttentionParams& p, const HeadViews<S>& current, int64_t next_flat_head,
+                        NextHeadPrefetch& prefetch) {
+  constexpr int64_t kMaxHeadBytes = int64_t{512} << 10;  // a quarter of Intel's 2 MB L2, half of Zen 4's
+  constexpr int64_t kMinCallBytes = int64_t{8} << 20;    // beyond two L2s and a share of L3
+  prefetch.stop();
+  const int64_t kv_head_bytes = p.seqlen_k * (p.head_dim + p.head_dim_v) * int64_t{sizeof(S)};
+  if (kv_head_bytes * batch_count(p) * p.num_heads_k < kMinCallBytes) return;
+  if (next_flat_head >= batch_count(p) * p.num_heads_q) return;
+  const HeadViews<S> next = flat_head_views<S>(p, next_flat_head);
+  if (next.k.data == current.k.data && next.v.data == current.v.data) return;
+  if (next.seqlen_k * (p.head_dim + p.head_dim_v) * int64_t{sizeof(S)} > kMaxHeadBytes) return;
+  prefetch.start(next.k, next.v, next.seqlen_k, p.head_dim, p.head_dim_v);
+}
+
 // Work items (batch element, query head, query tile) in WorkRuns. Consecutive items are tiles of one
 // head, so its K and V stay in L2 (heads in turn ran at 2/3 of the speed); within a head the last
 // tiles, the heaviest under causal, come first.
@@ -120,11 +147,15 @@ void run_tiles(const AttentionParams& p) {
     if (!scratch.ok()) out_of_memory = true;
     [[maybe_unused]] const typename Blocks::Thread thread_state;  // held while the thread works
     const int thread = omp_get_thread_num();
+    int64_t current_head = -1;  // flat (batch element, query head)
     for (int64_t item; scratch.ok() && !interruption.stop(thread) && runs.next(thread, item);) {
       const int64_t tile = tiles_per_head - 1 - item % tiles_per_head;
-      const int64_t head = item / tiles_per_head % p.num_heads_q;
-      const BatchIndex batch(p, item / tiles_per_head / p.num_heads_q);
-      attend_tile<V, MaskT, Blocks>(p, head_views<S>(p, batch, head), tile * M, scratch);
+      const HeadViews<S> h = flat_head_views<S>(p, item / tiles_per_head);
+      if (item / tiles_per_head != current_head) {
+        current_head = item / tiles_per_head;
+        prefetch_next_head(p, h, current_head + 1, scratch.next_head_prefetch);
+      }
+      attend_tile<V, MaskT, Blocks>(p, h, tile * M, scratch);
     }
   }
   if (out_of_memory) throw std::bad_alloc();
