@@ -95,7 +95,7 @@ struct TileLanes {
   // Only for the bfloat16 pair products (bf16_pairs.h), else null: pairs of bfloat16 in 32-bit lanes.
   uint32_t* q_pairs = nullptr;  // [head_dim / 2 padded][BLOCK_M], queries' features 2i, 2i + 1
   uint32_t* p_pairs = nullptr;  // [pairs][BLOCK_M], probabilities of two keys each
-  NextHeadPrefetch* next_head = nullptr;  // the thread's; stepped by the FMA micro-kernels' loops
+  NextHeadPrefetch* next_head = nullptr;  // the thread's; stepped by the FMA and VDPBF16PS loops (not AMX's)
 
   TileLanes from_vector(int vector) const {
     const int64_t lane = int64_t{vector} * V::size;
