@@ -149,13 +149,8 @@ struct DotBf16Blocks {
     const int64_t k_row = feature_pairs(p);
     const uint32_t* const k = kv.k + (key_begin - kv.first) * k_row;
     const __m512 scale = _mm512_set1_ps(static_cast<T>(p.scale));
-    int j = 0;
-    for (; j + KS <= keys; j += KS) {
-      score_keys<R, KS>(k + j * k_row, k_row, s.q_pairs, scale, s.scores + j * M);
-      if (s.next_head) s.next_head->step();
-    }
-    with_count<KS - 1>(keys - j, [&](auto tail) {
-      score_keys<R, decltype(tail)::value>(k + j * k_row, k_row, s.q_pairs, scale, s.scores + j * M);
+    micro_steps<KS>(keys, s.next_head, [&](auto n, int64_t j) {
+      score_keys<R, decltype(n)::value>(k + j * k_row, k_row, s.q_pairs, scale, s.scores + j * M);
     });
   }
 
@@ -205,13 +200,8 @@ struct DotBf16Blocks {
     pack_probability_pairs<V, R>(s, keys, lead, pairs);
     const int64_t v_row = p.head_dim_v;
     const uint32_t* const v = kv.v + offset / 2 * v_row;
-    int64_t e = 0;
-    for (; e + KS <= v_row; e += KS) {
-      accumulate_values<R, KS>(v, v_row, pairs, first_keep, last_keep, e, rescale, s);
-      if (s.next_head) s.next_head->step();
-    }
-    with_count<KS - 1>(static_cast<int>(v_row - e), [&](auto tail) {
-      accumulate_values<R, decltype(tail)::value>(v, v_row, pairs, first_keep, last_keep, e, rescale, s);
+    micro_steps<KS>(v_row, s.next_head, [&](auto n, int64_t e) {
+      accumulate_values<R, decltype(n)::value>(v, v_row, pairs, first_keep, last_keep, e, rescale, s);
     });
   }
 };

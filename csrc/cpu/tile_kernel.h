@@ -78,6 +78,19 @@ struct NextHeadPrefetch {
   int64_t rows_ = 0, next_row_ = 0, rows_per_step_ = 1;
 };
 
+// A micro-kernel's loop over `count` keys or value columns: body(n, first) for n = Step at first =
+// 0, Step, 2 Step, ..., each step also advancing the thread's next-head prefetch (null: none), then
+// the remaining count % Step as one step of that compile-time size.
+template <int Step, class F>
+void micro_steps(int64_t count, NextHeadPrefetch* next_head, F&& body) {
+  int64_t first = 0;
+  for (; first + Step <= count; first += Step) {
+    body(std::integral_constant<int, Step>{}, first);
+    if (next_head) next_head->step();
+  }
+  with_count<Step - 1>(static_cast<int>(count - first), [&](auto tail) { body(tail, first); });
+}
+
 // Where a tile's state lives, lane r of each array belonging to query row r of the tile.
 // from_vector(v) views the same state from query vector v on: lane 0 is then query row v * W, so
 // the block functions below can run on the tile's last R - v vectors alone. lane_index stays
@@ -95,7 +108,7 @@ struct TileLanes {
   // Only for the bfloat16 pair products (bf16_pairs.h), else null: pairs of bfloat16 in 32-bit lanes.
   uint32_t* q_pairs = nullptr;  // [head_dim / 2 padded][BLOCK_M], queries' features 2i, 2i + 1
   uint32_t* p_pairs = nullptr;  // [pairs][BLOCK_M], probabilities of two keys each
-  NextHeadPrefetch* next_head = nullptr;  // the thread's; stepped by the FMA and VDPBF16PS loops (not AMX's)
+  NextHeadPrefetch* next_head = nullptr;  // the thread's; stepped by micro_steps (not by the AMX kernel)
 
   TileLanes from_vector(int vector) const {
     const int64_t lane = int64_t{vector} * V::size;
@@ -309,13 +322,8 @@ void score_block(const MatrixView<const typename V::value_type>& k, int64_t key_
     std::fill(s.scores, s.scores + keys * M, typename V::value_type(0));
     return;
   }
-  int j = 0;
-  for (; j + KS <= keys; j += KS) {
-    score_keys<V, R, KS>(k, key_begin + j, head_dim, s.q_tile, s.scores + j * M);
-    if (s.next_head) s.next_head->step();
-  }
-  with_count<KS - 1>(keys - j, [&](auto tail) {  // the last keys % kSteps keys, as one micro-step
-    score_keys<V, R, decltype(tail)::value>(k, key_begin + j, head_dim, s.q_tile, s.scores + j * M);
+  micro_steps<KS>(keys, s.next_head, [&](auto n, int64_t j) {
+    score_keys<V, R, decltype(n)::value>(k, key_begin + j, head_dim, s.q_tile, s.scores + j * M);
   });
 }
 
@@ -451,13 +459,8 @@ template <class V, int R>
 void accumulate_block(const MatrixView<const typename V::value_type>& v, int64_t key_begin,
                       int keys, int64_t head_dim_v, bool rescale, const TileLanes<V>& s) {
   constexpr int CS = Tile<V>::kSteps;
-  int64_t e = 0;
-  for (; e + CS <= head_dim_v; e += CS) {
-    accumulate_values<V, R, CS>(v, key_begin, keys, e, rescale, s);
-    if (s.next_head) s.next_head->step();
-  }
-  with_count<CS - 1>(static_cast<int>(head_dim_v - e), [&](auto tail) {
-    accumulate_values<V, R, decltype(tail)::value>(v, key_begin, keys, e, rescale, s);
+  micro_steps<CS>(head_dim_v, s.next_head, [&](auto n, int64_t e) {
+    accumulate_values<V, R, decltype(n)::value>(v, key_begin, keys, e, rescale, s);
   });
 }
 
